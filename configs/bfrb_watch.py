@@ -1,0 +1,38 @@
+"""Preset for smartwatch sensor streams: gyroscope and PPG imputed from the accelerometer.
+
+  python launch.py --config=configs/bfrb_watch.py --config.data.path=FOLDER --workdir=runs/watch
+
+FOLDER holds one sub-folder per participant (exp-1 ... exp-10 in the public recordings of
+Searle et al., MobileHCI 2021), each with accLabeled.csv, gyrLabeled.csv, ppgLabeled.csv and
+hrmLabeled.csv. Participants are the subjects, so whole participants are held out. It derives
+from phase 1 (shared decoder, conf_mae) and changes only the data.
+"""
+
+import ml_collections
+
+from configs import phase1
+
+
+def stream(file, columns, role, features='raw', missing_values='', max_gap_ms=150.0):
+  return ml_collections.ConfigDict({
+      'file': file, 'columns': columns, 'role': role, 'features': features,
+      'missing_values': missing_values, 'max_gap_ms': max_gap_ms})
+
+
+def get_config():
+  config = phase1.get_config()
+  data = config.data
+  # The watch samples about every 100 ms; a grid point takes a sample at most 150 ms away.
+  data.stream_rate_hz = 10.0
+  data.streams = ml_collections.ConfigDict({
+      'acc': stream('accLabeled.csv', 'x,y,z', 'input', features='accel'),
+      # Heart rate arrives once a second and 0 means no reading; it is an input because it
+      # carries the pulse that the PPG target follows.
+      'hr': stream('hrmLabeled.csv', 'hrv', 'input', missing_values='0', max_gap_ms=1500.0),
+      'gyro': stream('gyrLabeled.csv', 'x,y,z', 'target'),
+      'ppg': stream('ppgLabeled.csv', 'ppg', 'target'),
+  })
+  data.window = 64  # 6.4 s at 10 Hz.
+  data.train_stride = 32
+  config.num_epochs = 8
+  return config

@@ -1,0 +1,102 @@
+"""Base configuration: every field, with its meaning and unit.
+
+  python launch.py --config=configs/default.py --workdir=runs/default
+
+Phase configs import this one and change only what their phase adds. Any field can be set on
+the command line, for example `--config.data.path=train.csv --config.batch_size=64`. The config
+is locked, so a misspelt field is an error instead of a silent no-op.
+"""
+
+import ml_collections
+
+
+def get_data_config() -> ml_collections.ConfigDict:
+  data = ml_collections.ConfigDict()
+  # Source. An empty path uses the synthetic generator (CMI schema). A .csv or .parquet file is
+  # read as the CMI table; a folder is read as sensor streams described by `streams`.
+  data.path = ''
+  # Model window in timesteps. Shorter sequences are padded; padding is never scored.
+  data.window = 64
+  # Step between training windows of a long sequence, in timesteps. Evaluation always uses
+  # non-overlapping windows so that every timestep is scored once.
+  data.train_stride = 32
+  # CMI ToF pixel value -1 ("no return"): 'missing' leaves it unobserved, 'far' makes it an
+  # observed reading with value `tof_far_value` (in the ToF's own distance units).
+  data.tof_no_return = 'missing'
+  data.tof_far_value = 255.0
+  # Subject-grouped folds, stratified by gesture when labels exist. Fold `fold` is the test
+  # fold reported in the evaluation, fold `fold + 1` (mod num_folds) is the validation fold
+  # that picks the best checkpoint, and the rest is trained on.
+  data.num_folds = 5
+  data.fold = 0
+  # Seed of the fold assignment, kept apart from `seed` so that model seeds share one split.
+  data.split_seed = 0
+  # Synthetic generator settings, used only when `path` is empty.
+  data.synthetic = ml_collections.ConfigDict()
+  data.synthetic.num_subjects = 10
+  data.synthetic.sequences_per_subject = 24
+  data.synthetic.min_length = 40
+  data.synthetic.max_length = 120
+  data.synthetic.imu_only_fraction = 0.4
+  data.synthetic.seed = 0
+  # Sensor streams, used only when `path` is a folder. `streams` maps a group name to
+  # {file, columns (comma list), role ('input' or 'target'), features, missing_values
+  # (comma list of values that mean "no reading"), max_gap_ms}; see configs/bfrb_watch.py.
+  data.streams = ml_collections.ConfigDict()
+  data.stream_rate_hz = 10.0  # Common clock that all streams are aligned to.
+  data.stream_split_gap_s = 5.0  # A gap longer than this in every stream splits a recording.
+  return data
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, masks and batch order.
+  config.data = get_data_config()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.hidden_dim = 64  # Width H of the encoder and of h_shared.
+  config.model.encoder_layers = 2  # Transformer blocks in the encoder.
+  config.model.decoder = 'shared'  # 'shared' (one trunk, one light head per group) or 'dual'.
+  config.model.decoder_type = 'transformer'  # 'transformer' or 'mlp'.
+  config.model.decoder_layers = 2  # Blocks in the shared decoder (and in each dual decoder).
+  config.model.num_heads = 4  # Attention heads; must divide hidden_dim.
+  config.model.mlp_ratio = 4  # Feed-forward width as a multiple of hidden_dim.
+  # Dropout in training only. Off by default: the training masks already regularise, and on
+  # a CPU the random bits of dropout cost about a third of the step time.
+  config.model.dropout = 0.0
+  # Width in timesteps of the depthwise convolution in front of the encoder. It gives the
+  # transformer local order without position embeddings; 1 turns it off.
+  config.model.conv_kernel = 5
+  config.model.log_var_bound = 6.0  # Learned log-variances s are kept in [-bound, bound].
+
+  config.mask = ml_collections.ConfigDict()
+  # Fraction of observed (timestep, sensor) units of every target group hidden in training.
+  config.mask.ratio = 0.5
+  # Probability that a training window hides every target group, the IMU-only case.
+  config.mask.imu_only_prob = 0.25
+  config.mask.eval_ratio = 0.5  # Hidden fraction in the `random_mask` evaluation scenario.
+
+  config.loss = ml_collections.ConfigDict()
+  # One of mse, mae, huber, conf_mse (Gaussian), conf_mae (Laplace), conf_huber (heuristic).
+  config.loss.kind = 'mse'
+  config.loss.huber_delta = 1.0  # In scaled units (interquartile ranges).
+  # Per-group weights as 'group=weight' pairs, for example 'thm=1,tof=0.5'; unset groups get 1.
+  config.loss.group_weights = ''
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 1e-3  # Peak learning rate after warmup.
+  config.optim.warmup_steps = 100
+  config.optim.end_learning_rate_factor = 0.05  # Final rate as a fraction of the peak.
+  config.optim.weight_decay = 1e-4  # AdamW decoupled weight decay.
+  config.optim.grad_clip_norm = 1.0  # Global gradient norm clip; 0 turns it off.
+
+  config.num_epochs = 20  # Passes over the training windows.
+  config.num_train_steps = -1  # When positive, stops at min(this, num_epochs worth of steps).
+  config.batch_size = 32  # Global batch; must be divisible by the number of devices.
+  config.eval_batch_size = 128
+
+  config.log_every_steps = 50  # Train scalars, progress line and finiteness check.
+  config.eval_every_steps = 250  # Validation loss, ToF images and best-checkpoint choice.
+  config.checkpoint_every_steps = 500
+  config.max_checkpoints_to_keep = 2  # Periodic checkpoints kept (the best one is extra).
+  return config

@@ -1,0 +1,345 @@
+"""The CMI wrist-device table ("CMI - Detect Behavior with Sensor Data") as a `RecordingSet`.
+
+The table has one row per timestep. Rows of one recording share a `sequence_id` and are ordered
+by `sequence_counter`. The inputs are the IMU (acc_x..acc_z in m/s² including gravity, and the
+scalar-first quaternion rot_w..rot_z). The targets are five thermopiles thm_1..thm_5 in °C and
+five 8x8 time-of-flight sensors tof_1_v0..tof_5_v63. ToF values are distances where -1 means
+"no return". An empty cell or NaN marks a missing value in every sensor column.
+"""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+
+import numpy as np
+import polars as pl
+
+from imputer import features
+from imputer.recordings import GroupSpec, RecordingSet, Sequence
+
+CMI_TOF_SENSORS = tuple(f'tof_{sensor}' for sensor in range(1, 6))
+CMI_TOF_PIXELS = 64  # One 8x8 grid per sensor, pixels v0..v63 in row-major order.
+CMI_TOF_COLUMNS = tuple(
+    f'{sensor}_v{pixel}' for sensor in CMI_TOF_SENSORS for pixel in range(CMI_TOF_PIXELS))
+CMI_LABEL_COLUMNS = ('sequence_type', 'orientation', 'behavior', 'phase', 'gesture')
+CMI_ID_COLUMNS = ('sequence_id', 'sequence_counter', 'subject')
+CMI_SENSOR_COLUMNS = features.CMI_IMU_COLUMNS + features.CMI_THM_COLUMNS + CMI_TOF_COLUMNS
+CMI_REQUIRED_COLUMNS = CMI_ID_COLUMNS + CMI_SENSOR_COLUMNS
+
+# The column order of the competition's train.csv. Its test.csv lacks the label columns.
+CMI_TRAIN_COLUMNS = (
+    'row_id', 'sequence_type', 'sequence_id', 'sequence_counter', 'subject', 'orientation',
+    'behavior', 'phase', 'gesture') + CMI_SENSOR_COLUMNS
+
+TOF_NO_RETURN = -1.0
+TOF_NO_RETURN_CHOICES = ('missing', 'far')
+
+_TEXT_COLUMNS = ('row_id', 'sequence_id', 'subject') + CMI_LABEL_COLUMNS
+_NUMERIC_COLUMNS = ('sequence_counter',) + CMI_SENSOR_COLUMNS
+_SUMMARY_RUN = 3  # Runs of at least this many consecutive missing names print as 'first..last'.
+
+
+def cmi_groups() -> tuple[tuple[GroupSpec, ...], tuple[GroupSpec, ...]]:
+  """Return the (input groups, target groups) of the CMI table: (imu,) and (thm, tof)."""
+  imu = GroupSpec(
+      'imu', features.CMI_IMU_COLUMNS, sensors=('acc', 'rot'),
+      sensor_of_column=(0, 0, 0, 1, 1, 1, 1), features='cmi_imu')
+  thm = GroupSpec(
+      'thm', features.CMI_THM_COLUMNS, sensors=features.CMI_THM_COLUMNS,
+      sensor_of_column=tuple(range(len(features.CMI_THM_COLUMNS))), features='cmi_thm')
+  tof = GroupSpec(
+      'tof', CMI_TOF_COLUMNS, sensors=CMI_TOF_SENSORS,
+      sensor_of_column=tuple(i // CMI_TOF_PIXELS for i in range(len(CMI_TOF_COLUMNS))),
+      features='raw')
+  return (imu,), (thm, tof)
+
+
+def read_table(path: str) -> pl.DataFrame:
+  """Read a .csv or .parquet table, raising ValueError for a missing, empty or unknown file.
+
+  CSV sensor columns are parsed as Float64. When a cell does not parse as a number, the file is
+  read again with the column types inferred from every row, so that the column comes out as
+  text and `from_cmi_frame` can report the offending row and value.
+  """
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ValueError(f'{path}: file not found; give the path of an existing .csv or .parquet file.')
+  suffix = file.suffix.lower()
+  if suffix not in ('.csv', '.parquet'):
+    raise ValueError(
+        f'{path}: unknown file type {file.suffix!r}; give a .csv or .parquet file, or convert '
+        f'the table to one of them.')
+  if file.stat().st_size == 0:
+    raise ValueError(
+        f'{path}: the file is empty; write the table with its header row and data rows.')
+
+  frame = _read_csv(file) if suffix == '.csv' else _read_parquet(file)
+  if frame.height == 0:
+    raise ValueError(
+        f'{path}: the table has a header but no data rows; check that the export wrote the rows.')
+  return frame
+
+
+def _read_csv(file: pathlib.Path) -> pl.DataFrame:
+  try:
+    header = pl.read_csv(file, n_rows=0).columns
+  except pl.exceptions.NoDataError as error:
+    raise ValueError(
+        f'{file}: the file has no header row ({error}); write the table with its header row and '
+        f'data rows.') from error
+  text_types = {name: pl.String for name in header if name in _TEXT_COLUMNS}
+  numeric_types = {name: pl.Float64 for name in header if name in _NUMERIC_COLUMNS}
+  try:
+    return pl.read_csv(file, schema_overrides={**text_types, **numeric_types})
+  except pl.exceptions.ComputeError:
+    pass
+  # A cell that is not a number. Full inference reads that column as text instead, so that
+  # from_cmi_frame can name the row and value.
+  # NOTE: full inference is slow: about a minute for a 570k-row, 640 MB CSV on 2 CPU cores.
+  try:
+    return pl.read_csv(file, schema_overrides=text_types, infer_schema_length=None)
+  except pl.exceptions.PolarsError as error:
+    raise ValueError(
+        f'{file}: could not be parsed as CSV ({error}); check the quoting and the number of '
+        f'fields in each row.') from error
+
+
+def _read_parquet(file: pathlib.Path) -> pl.DataFrame:
+  try:
+    return pl.read_parquet(file)
+  except (pl.exceptions.PolarsError, OSError) as error:
+    raise ValueError(
+        f'{file}: could not be read as a parquet file ({error}); check that the file is complete '
+        f'and was written as parquet.') from error
+
+
+def load_cmi(
+    path: str, tof_no_return: str = 'missing', tof_far_value: float = 255.0) -> RecordingSet:
+  """Read a CMI train.csv or test.csv (or a parquet copy) into a `RecordingSet`."""
+  frame = read_table(path)
+  return from_cmi_frame(frame, f'CMI file {path}', tof_no_return, tof_far_value)
+
+
+def from_cmi_frame(
+    frame: pl.DataFrame, source: str, tof_no_return: str = 'missing',
+    tof_far_value: float = 255.0) -> RecordingSet:
+  """Group a CMI-schema frame into sequences with raw values and observed masks.
+
+  `source` names the data in every error and in the returned set. `tof_no_return` decides what
+  a ToF value of -1 becomes. With 'missing' the pixel is unobserved, and with 'far' it is
+  observed with the value `tof_far_value`. Label columns are optional, and the gesture, when
+  present, becomes `Sequence.label`. Other columns are ignored. Sequences keep the order of
+  their first row in the frame, and rows within a sequence are sorted by sequence_counter.
+  """
+  _check_options(source, tof_no_return, tof_far_value)
+  _check_columns(frame, source)
+  if frame.height == 0:
+    raise ValueError(f'{source}: the table has no rows; give a table with at least one data row.')
+
+  input_groups, target_groups = cmi_groups()
+  values = _sensor_values(frame, input_groups + target_groups, source)
+  sequence_ids = _text_column(frame, 'sequence_id', source)
+  subjects = _text_column(frame, 'subject', source)
+  counters = _counter_column(frame, source)
+
+  order, starts = _sequence_order(sequence_ids, counters)
+  _check_unique_counters(order, starts, sequence_ids, counters, source)
+  _check_constant_within_sequence(order, starts, sequence_ids, subjects, 'subject', source)
+  labels = None
+  if 'gesture' in frame.columns:
+    labels = _text_column(frame, 'gesture', source, allow_null=True)
+    _check_constant_within_sequence(order, starts, sequence_ids, labels, 'gesture', source)
+
+  raw, observed = {}, {}
+  already_sorted = bool((order == np.arange(len(order))).all())
+  for name in list(values):
+    sorted_values = values.pop(name)
+    if not already_sorted:
+      sorted_values = sorted_values[order]
+    raw[name], observed[name] = _observe(name, sorted_values, tof_no_return, tof_far_value)
+
+  sequences = []
+  ends = list(starts[1:]) + [len(order)]
+  for start, end in zip(starts, ends):
+    first_row = order[start]
+    sequences.append(Sequence(
+        sequence_id=sequence_ids[first_row],
+        subject=subjects[first_row],
+        raw={name: group_values[start:end] for name, group_values in raw.items()},
+        observed={name: mask[start:end] for name, mask in observed.items()},
+        label=None if labels is None else labels[first_row]))
+  return RecordingSet(source, input_groups, target_groups, sequences, collections.Counter())
+
+
+def _check_options(source: str, tof_no_return: str, tof_far_value: float) -> None:
+  if tof_no_return not in TOF_NO_RETURN_CHOICES:
+    raise ValueError(
+        f'{source}: invalid tof_no_return {tof_no_return!r}; use one of '
+        f'{", ".join(repr(choice) for choice in TOF_NO_RETURN_CHOICES)}.')
+  if not np.isfinite(tof_far_value):
+    raise ValueError(
+        f'{source}: invalid tof_far_value {tof_far_value!r}; give a finite distance such as 255.')
+
+
+def _check_columns(frame: pl.DataFrame, source: str) -> None:
+  present = set(frame.columns)
+  missing = [name for name in CMI_REQUIRED_COLUMNS if name not in present]
+  if missing:
+    raise ValueError(
+        f'{source}: missing {len(missing)} required column(s): '
+        f'{_summarize_names(missing, CMI_REQUIRED_COLUMNS)}. A CMI table needs sequence_id, '
+        f'sequence_counter, subject, acc_x..rot_z, thm_1..thm_5 and tof_1_v0..tof_5_v63; check '
+        f'that the file is a CMI train.csv or test.csv export with its header row.')
+
+
+def _summarize_names(names, order) -> str:
+  """Join `names`, writing each run of consecutive entries of `order` as 'first..last'."""
+  position = {name: i for i, name in enumerate(order)}
+  runs: list[list[str]] = []
+  for name in names:
+    if runs and position[name] == position[runs[-1][-1]] + 1:
+      runs[-1].append(name)
+    else:
+      runs.append([name])
+  parts = [f'{run[0]}..{run[-1]}' if len(run) >= _SUMMARY_RUN else ', '.join(run) for run in runs]
+  return ', '.join(parts)
+
+
+def _sensor_values(frame: pl.DataFrame, groups, source: str) -> dict[str, np.ndarray]:
+  """Convert each group's columns to a (N, C) float64 array in frame row order, NaN where empty.
+
+  Raises ValueError for a cell that is not a number and for an invalid ToF distance.
+  """
+  values = {}
+  for group in groups:
+    columns = pl.DataFrame([_float_column(frame[name], source) for name in group.columns])
+    # Without nulls the row-major copy is faster: 2 s instead of 5 s for the ToF columns of
+    # 570k rows (polars 2.1, 2 CPU cores).
+    columns = columns.fill_null(np.nan)
+    values[group.name] = columns.to_numpy(order='c')
+  _check_tof_values(values['tof'], source)
+  return values
+
+
+def _float_column(column: pl.Series, source: str) -> pl.Series:
+  """Cast one column to Float64, raising ValueError at its first cell that is not a number."""
+  if column.dtype.is_numeric() or column.dtype == pl.Null:
+    return column.cast(pl.Float64)
+  if column.dtype != pl.String:
+    raise ValueError(
+        f'{source}: column {column.name!r} has the type {column.dtype}, expected numbers; convert '
+        f'it to a numeric column.')
+
+  text = column.str.strip_chars()
+  values = text.cast(pl.Float64, strict=False)
+  # Empty cells are missing values. "NaN" and "nan" parse to NaN, which is also missing.
+  invalid = text.is_not_null() & (text != '') & values.is_null()
+  if invalid.any():
+    row = int(invalid.arg_true()[0])
+    raise ValueError(
+        f'{source}: column {column.name!r} contains the non-numeric value {column[row]!r} at data '
+        f'row {row + 1} (counting data rows from 1, after the header); correct the value, or '
+        f'leave the cell empty or write NaN to mark it missing.')
+  return values
+
+
+def _check_tof_values(tof: np.ndarray, source: str) -> None:
+  """Raise ValueError at the first negative ToF distance other than the no-return value -1."""
+  with np.errstate(invalid='ignore'):
+    negative = tof < 0
+  if not negative.any() or (tof[negative] == TOF_NO_RETURN).all():
+    return
+  row, column = np.argwhere(negative & (tof != TOF_NO_RETURN))[0]
+  raise ValueError(
+      f'{source}: column {CMI_TOF_COLUMNS[column]!r} contains the negative distance '
+      f'{tof[row, column]:g} at data row {row + 1}; ToF distances are >= 0, with -1 for no '
+      f'return and an empty cell or NaN for a missing value, so correct that value.')
+
+
+def _text_column(
+    frame: pl.DataFrame, name: str, source: str, allow_null: bool = False) -> np.ndarray:
+  """Convert a column to a numpy array of str, raising ValueError at a null unless `allow_null`."""
+  column = frame[name].cast(pl.String)
+  if not allow_null and column.null_count() > 0:
+    row = int(column.is_null().arg_true()[0])
+    raise ValueError(
+        f'{source}: column {name!r} is empty at data row {row + 1}; every row needs a {name}, '
+        f'so fill it in or remove the row.')
+  return column.to_numpy().astype(object)
+
+
+def _counter_column(frame: pl.DataFrame, source: str) -> np.ndarray:
+  counters = _float_column(frame['sequence_counter'], source).to_numpy()
+  missing = ~np.isfinite(counters)
+  if missing.any():
+    row = int(np.flatnonzero(missing)[0])
+    raise ValueError(
+        f'{source}: column \'sequence_counter\' is missing or not finite at data row {row + 1}; '
+        f'every row needs its position in the sequence, so fill it in or remove the row.')
+  return counters
+
+
+def _sequence_order(
+    sequence_ids: np.ndarray, counters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Return the row order (sequences by first appearance, rows by counter) and sequence starts.
+
+  `order[starts[k]]` is the first row of sequence k in the sorted order.
+  """
+  ids = pl.DataFrame({'sequence_id': pl.Series(sequence_ids, dtype=pl.String)})
+  first_rows = ids.with_row_index('row').select(pl.col('row').min().over('sequence_id'))
+  first_rows = first_rows.to_series().to_numpy()
+  order = np.lexsort((counters, first_rows))
+  starts = np.flatnonzero(np.diff(first_rows[order], prepend=-1))
+  return order, starts
+
+
+def _check_unique_counters(order, starts, sequence_ids, counters, source: str) -> None:
+  sorted_counters = counters[order]
+  same_sequence = np.ones(len(order), dtype=bool)
+  same_sequence[starts] = False
+  repeated = same_sequence[1:] & (sorted_counters[1:] == sorted_counters[:-1])
+  if repeated.any():
+    position = int(np.flatnonzero(repeated)[0]) + 1
+    first, second = sorted((int(order[position - 1]), int(order[position])))
+    raise ValueError(
+        f'{source}: sequence {sequence_ids[first]!r} has sequence_counter '
+        f'{sorted_counters[position]:g} twice (data rows {first + 1} and {second + 1}); every row '
+        f'of a sequence needs its own counter, so remove the duplicate row.')
+
+
+def _check_constant_within_sequence(order, starts, sequence_ids, values, name: str, source: str):
+  sorted_values = values[order]
+  same_sequence = np.ones(len(order), dtype=bool)
+  same_sequence[starts] = False
+  changed = same_sequence[1:] & (sorted_values[1:] != sorted_values[:-1])
+  if changed.any():
+    position = int(np.flatnonzero(changed)[0]) + 1
+    first, second = int(order[position - 1]), int(order[position])
+    raise ValueError(
+        f'{source}: sequence {sequence_ids[first]!r} has more than one {name}: '
+        f'{values[first]!r} at data row {first + 1} and {values[second]!r} at data row '
+        f'{second + 1}; a sequence must have a single {name}, so correct the {name} column or give '
+        f'the rows separate sequence_ids.')
+
+
+def _observe(group: str, values: np.ndarray, tof_no_return: str, tof_far_value: float):
+  """Build the observed mask of one group's (N, C) values and set the unobserved values to NaN.
+
+  Returns (raw, observed). `values` is modified in place and returned as raw, because a copy of
+  the ToF array of the full CMI train.csv costs about 1.5 GB.
+  """
+  observed = np.isfinite(values)
+  if group == 'imu':
+    quaternion = values[:, 3:7]
+    with np.errstate(invalid='ignore'):
+      usable = observed[:, 3:7].all(axis=1) & (np.linalg.norm(quaternion, axis=1) > 0)
+    observed[:, 3:7] = usable[:, None]
+  elif group == 'tof':
+    no_return = values == TOF_NO_RETURN
+    if tof_no_return == 'missing':
+      observed &= ~no_return
+    else:
+      values[no_return] = tof_far_value
+  values[~observed] = np.nan
+  return values, observed

@@ -1,0 +1,203 @@
+"""Evaluation on held-out subjects in original units, next to simple baselines.
+
+Two scenarios are scored on the raw columns of every target group:
+
+* `random_mask`: (timestep, sensor) units are hidden with `mask.eval_ratio` from a fixed key;
+  the model and both baselines are scored on the same hidden, observed values.
+* `imu_only`: every target value is hidden, as for a recording that carries only the IMU.
+
+Baselines: `median` predicts the training median of each channel (the scaler's centre), and
+`interpolation` interpolates each channel linearly in time over the values of the same
+sequence that the mask left visible, holding the nearest value past either end. It applies
+to `random_mask` only. A channel with no visible value in a sequence falls back to the
+median, and the report counts those values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from imputer import masking
+from imputer import sharding
+
+SCENARIOS = ('random_mask', 'imu_only')
+
+
+def make_predict_fns(steps, config):
+  """Return the two scenario functions (params, batch, key) -> (metrics, recon, hidden)."""
+  layouts = steps.target_layouts
+
+  def random_mask(params, batch, key):
+    batch_size, window = batch['valid'].shape
+    hidden = masking.sample_hidden(key, layouts, batch_size, window, config.mask.eval_ratio, 0.0)
+    metrics, recon = steps.evaluate(params, batch, hidden)
+    return metrics, recon, hidden
+
+  def imu_only(params, batch, key):
+    del key  # Nothing is random: every target value is hidden.
+    hidden = masking.hide_all(layouts, *batch['valid'].shape)
+    metrics, recon = steps.evaluate(params, batch, hidden)
+    return metrics, recon, hidden
+
+  return {'random_mask': random_mask, 'imu_only': imu_only}
+
+
+def _padded_rows(start: int, batch_size: int, total: int) -> tuple[np.ndarray, int]:
+  rows = np.arange(start, min(start + batch_size, total))
+  return np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])]), len(rows)
+
+
+def predict_windows(predict_fn, params, windows, batch_size: int, mesh, key):
+  """Run `predict_fn` over all windows; return (mean loss terms, recon, hidden) on the host.
+
+  The last batch is filled up by repeating its last window with `valid` set to False, so the
+  compiled shape never changes and the repeats are never scored. Loss terms are averaged
+  over batches, weighted by their real windows.
+  """
+  recon, hidden, totals, seen = {}, {}, {}, 0
+  for batch_index, start in enumerate(range(0, len(windows), batch_size)):
+    rows, real = _padded_rows(start, batch_size, len(windows))
+    local = windows.take(sharding.process_rows(rows))
+    local['valid'] = local['valid'] & (sharding.process_rows(np.arange(batch_size)) < real)[:, None]
+    batch = sharding.to_global(local, mesh)
+    metrics, out, drawn = predict_fn(params, batch, jax.random.fold_in(key, batch_index))
+    out, drawn, metrics = multihost_utils.process_allgather((out, drawn, metrics), tiled=True)
+    for name in out:
+      recon.setdefault(name, []).append(np.asarray(out[name])[:real])
+      hidden.setdefault(name, []).append(np.asarray(drawn[name])[:real])
+    for name, value in metrics.items():
+      totals[name] = totals.get(name, 0.0) + float(value) * real
+    seen += real
+  mean = {name: value / max(seen, 1) for name, value in totals.items()}
+  return (mean, {n: np.concatenate(v) for n, v in recon.items()},
+          {n: np.concatenate(v) for n, v in hidden.items()})
+
+
+def stitch(index: np.ndarray, arrays: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
+  """Put (N, W, C) window arrays back into per-sequence (T, C) arrays."""
+  out = [np.zeros((length, arrays.shape[-1]), arrays.dtype) for length in lengths]
+  for row, (i, start, size) in enumerate(index):
+    out[i][start:start + size] = arrays[row, :size]
+  return out
+
+
+@dataclasses.dataclass
+class ErrorSums:
+  """Running sums for MAE, RMSE and R² over scored values."""
+
+  abs_error: float = 0.0
+  sq_error: float = 0.0
+  count: int = 0
+  truth_sum: float = 0.0
+  truth_sq_sum: float = 0.0
+
+  def add(self, truth: np.ndarray, prediction: np.ndarray) -> None:
+    error = prediction - truth
+    self.abs_error += float(np.abs(error).sum())
+    self.sq_error += float((error * error).sum())
+    self.count += int(truth.size)
+    self.truth_sum += float(truth.sum())
+    self.truth_sq_sum += float((truth * truth).sum())
+
+  def result(self) -> dict:
+    """Return mae, rmse, r2 and count; r2 is None when fewer than 2 values or no variance."""
+    if self.count == 0:
+      return {'mae': None, 'rmse': None, 'r2': None, 'count': 0}
+    total = self.truth_sq_sum - self.truth_sum ** 2 / self.count
+    r2 = 1.0 - self.sq_error / total if self.count > 1 and total > 0 else None
+    return {'mae': self.abs_error / self.count, 'rmse': float(np.sqrt(self.sq_error / self.count)),
+            'r2': r2, 'count': self.count}
+
+
+def interpolate_sequence(values: np.ndarray, visible: np.ndarray, fallback: np.ndarray):
+  """Interpolate each column of (T, C) `values` linearly over its `visible` rows.
+
+  Returns (filled values, per-column bool that is True where the fallback was used because
+  the column had no visible value).
+  """
+  time = np.arange(values.shape[0])
+  out = np.empty_like(values, dtype=np.float64)
+  used_fallback = np.zeros(values.shape[1], bool)
+  for c in range(values.shape[1]):
+    known = visible[:, c]
+    if known.any():
+      out[:, c] = np.interp(time, time[known], values[known, c])
+    else:
+      out[:, c] = fallback[c]
+      used_fallback[c] = True
+  return out, used_fallback
+
+
+def _sensor_names(layout):
+  return layout.spec.sensors if layout.num_sensors > 1 else ()
+
+
+def score_scenario(scenario, sequences, predictions, hidden, layouts, scalers) -> dict:
+  """Score the model and the baselines of one scenario; inputs are per-sequence lists.
+
+  `predictions[g][i]` is the scaled (T, F) model output for sequence i and `hidden[g][i]` the
+  (T, C_raw) hidden mask. Truth and every figure are in the channels' original units.
+  """
+  methods = ('model', 'median') + (('interpolation',) if scenario == 'random_mask' else ())
+  sums = {m: {} for m in methods}
+  fallback_values = {}
+  for layout in layouts:
+    name, raw = layout.name, layout.num_raw
+    center = scalers[name].center[:raw]
+    sensor = layout.sensor_of_raw
+    keys = [name] + [f'{name}/{s}' for s in _sensor_names(layout)]
+    for m in methods:
+      for key in keys:
+        sums[m][key] = ErrorSums()
+    fallback_values[name] = 0
+    for i, seq in enumerate(sequences):
+      truth = seq.raw[name]
+      scored = hidden[name][i] & seq.observed[name]
+      candidates = {
+          'model': scalers[name].inverse(predictions[name][i][:, :raw], slice(0, raw)),
+          'median': np.broadcast_to(center, truth.shape),
+      }
+      if 'interpolation' in methods:
+        visible = seq.observed[name] & ~hidden[name][i]
+        filled, used = interpolate_sequence(truth, visible, center)
+        candidates['interpolation'] = filled
+        fallback_values[name] += int(scored[:, used].sum())
+      for m, prediction in candidates.items():
+        sums[m][name].add(truth[scored], prediction[scored])
+        for s, sensor_name in enumerate(_sensor_names(layout)):
+          cols = sensor == s
+          sub = scored[:, cols]
+          sums[m][f'{name}/{sensor_name}'].add(truth[:, cols][sub], prediction[:, cols][sub])
+  result = {'model': _group_results(sums['model'], layouts),
+            'baselines': {m: _group_results(sums[m], layouts) for m in methods[1:]}}
+  if 'interpolation' in methods:
+    result['interpolation_fallback_values'] = fallback_values
+  return result
+
+
+def _group_results(sums, layouts) -> dict:
+  out = {}
+  for layout in layouts:
+    entry = sums[layout.name].result()
+    sensors = _sensor_names(layout)
+    if sensors:
+      entry['per_sensor'] = {s: sums[f'{layout.name}/{s}'].result() for s in sensors}
+    out[layout.name] = entry
+  return out
+
+
+def tof_comparison_image(target: np.ndarray, recon: np.ndarray, sensors: int = 5) -> np.ndarray:
+  """Lay 5 ToF 8x8 frames side by side: targets on the top row, reconstructions below.
+
+  Both rows share one grey scale (the targets' range), so brightness is comparable.
+  """
+  def frames(x):
+    return np.concatenate(list(np.asarray(x).reshape(sensors, 8, 8)), axis=1)
+  top, bottom = frames(target), frames(recon)
+  low, high = float(top.min()), float(top.max())
+  image = np.concatenate([top, bottom], axis=0)
+  return np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0)

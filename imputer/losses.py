@@ -1,0 +1,103 @@
+"""Masked reconstruction losses, plain and uncertainty-aware.
+
+Each group's loss averages an elementwise error over the positions that the training mask
+hid and the recording observed; padding and values missing in the file never count. All
+losses are computed in float32.
+
+The uncertainty-aware forms learn one log-variance s per group:
+
+* conf_mse, Gaussian negative log-likelihood up to a constant: 0.5 * exp(-s) * MSE + 0.5 * s
+* conf_mae, Laplace negative log-likelihood up to a constant: exp(-s) * MAE + s
+* conf_huber: exp(-s) * Huber + s. This is a heuristic that borrows the Laplace form; the
+  Huber loss is not the negative log-likelihood of a standard distribution.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+PLAIN_KINDS = ('mse', 'mae', 'huber')
+CONF_KINDS = ('conf_mse', 'conf_mae', 'conf_huber')
+
+
+def elementwise_error(kind: str, prediction, target, huber_delta: float = 1.0):
+  """Return the per-element error for 'mse', 'mae' or 'huber' (and their conf_ forms)."""
+  base = kind.removeprefix('conf_')
+  diff = prediction.astype(jnp.float32) - target.astype(jnp.float32)
+  if base == 'mse':
+    return diff * diff
+  if base == 'mae':
+    return jnp.abs(diff)
+  if base == 'huber':
+    abs_diff = jnp.abs(diff)
+    quadratic = jnp.minimum(abs_diff, huber_delta)
+    return 0.5 * quadratic * quadratic + huber_delta * (abs_diff - quadratic)
+  raise ValueError(
+      f'loss.kind={kind!r} is unknown; use one of {", ".join(PLAIN_KINDS + CONF_KINDS)}.')
+
+
+def masked_mean(error, weight):
+  """Return (mean of `error` over `weight` > 0, count); 0 with zero gradient when empty.
+
+  The denominator is clamped to 1 before the division, so an empty group divides 0 by 1 in
+  the forward pass and no NaN or infinity can reach a gradient.
+  """
+  weight = weight.astype(jnp.float32)
+  count = weight.sum()
+  return (error * weight).sum() / jnp.maximum(count, 1.0), count
+
+
+def confidence_weighted(kind: str, loss, log_var, count):
+  """Apply the Gaussian (conf_mse) or Laplace (conf_mae, conf_huber) form to a group loss.
+
+  A group with nothing to score (count 0) returns exactly 0, including the +s term, so its
+  log-variance gets a zero gradient instead of drifting.
+  """
+  s = log_var.astype(jnp.float32)
+  if kind == 'conf_mse':
+    value = 0.5 * jnp.exp(-s) * loss + 0.5 * s
+  else:
+    value = jnp.exp(-s) * loss + s
+  return jnp.where(count > 0, value, 0.0)
+
+
+def reconstruction_loss(config_loss, outputs, targets, weights, group_weights):
+  """Return (total, terms) over target groups.
+
+  `outputs` is the model output ({'recon': {g: (B, W, F)}, optionally 'log_var'}), `targets`
+  and `weights` map each group to (B, W, F) values and 0/1 scoring masks. `terms` holds, per
+  group, the plain masked loss, the count and, for conf_ kinds, the weighted loss and s.
+  """
+  kind = config_loss.kind
+  total = jnp.zeros((), jnp.float32)
+  terms = {}
+  for name, target in targets.items():
+    error = elementwise_error(kind, outputs['recon'][name], target, config_loss.huber_delta)
+    loss, count = masked_mean(error, weights[name])
+    terms[f'loss_recon_{name}'] = loss
+    terms[f'count_{name}'] = count
+    if kind in CONF_KINDS:
+      log_var = outputs['log_var'][name]
+      loss = confidence_weighted(kind, loss, log_var, count)
+      terms[f'loss_conf_{name}'] = loss
+      terms[f'log_var_{name}'] = log_var
+    total = total + group_weights.get(name, 1.0) * loss
+  return total, terms
+
+
+def parse_group_weights(text: str, target_names) -> dict[str, float]:
+  """Parse 'thm=1,tof=0.5' into a dict, rejecting unknown groups and malformed pairs."""
+  weights = {}
+  for item in filter(None, (part.strip() for part in text.split(','))):
+    name, sep, value = item.partition('=')
+    if not sep or name.strip() not in target_names:
+      raise ValueError(
+          f'loss.group_weights: {item!r} is not group=weight with a target group among '
+          f'{", ".join(target_names)}; write for example "{target_names[0]}=1.0".')
+    try:
+      weights[name.strip()] = float(value)
+    except ValueError as error:
+      raise ValueError(f'loss.group_weights: weight {value!r} of group {name!r} is not a '
+                       'number; write for example "thm=0.5".') from error
+  return weights

@@ -1,0 +1,147 @@
+"""The masked imputer: encoder, shared decoder and one light head per target group.
+
+Shapes: B batch, W window timesteps, H hidden width, F_g features of target group g.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm self-attention over time followed by a feed-forward layer."""
+
+  num_heads: int
+  mlp_ratio: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, attention_mask, *, train: bool):
+    y = nn.LayerNorm()(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train)(
+            y, y, mask=attention_mask)
+    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    return MlpBlock(self.mlp_ratio, self.dropout)(x, attention_mask, train=train)
+
+
+class MlpBlock(nn.Module):
+  """Pre-norm per-timestep feed-forward layer with a residual connection."""
+
+  mlp_ratio: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, attention_mask=None, *, train: bool):
+    del attention_mask  # Per-timestep: nothing crosses timesteps, so padding cannot leak.
+    width = x.shape[-1]
+    y = nn.LayerNorm()(x)
+    y = nn.gelu(nn.Dense(width * self.mlp_ratio)(y))
+    y = nn.Dense(width)(y)
+    return x + nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+class Decoder(nn.Module):
+  """A stack of transformer or MLP blocks ending in a LayerNorm; returns (B, W, H)."""
+
+  kind: str
+  num_layers: int
+  num_heads: int
+  mlp_ratio: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, attention_mask, *, train: bool):
+    for _ in range(self.num_layers):
+      if self.kind == 'transformer':
+        x = TransformerBlock(self.num_heads, self.mlp_ratio, self.dropout)(
+            x, attention_mask, train=train)
+      elif self.kind == 'mlp':
+        x = MlpBlock(self.mlp_ratio, self.dropout)(x, train=train)
+      else:
+        raise ValueError(
+            f"model.decoder_type={self.kind!r} is unknown; use 'transformer' or 'mlp'.")
+    return nn.LayerNorm()(x)
+
+
+class MaskedImputer(nn.Module):
+  """Reconstruct hidden target values from the inputs and the visible target values.
+
+  `targets` lists (group name, number of features) in a fixed order. `decoder` is 'shared'
+  (one trunk producing h_shared and a Dense head per group) or 'dual' (a deep decoder per
+  group and no shared trunk, kept to compare against). With `learn_log_var` the model owns
+  one float32 log-variance per group, bounded to [-log_var_bound, log_var_bound].
+  """
+
+  targets: Sequence[tuple[str, int]]
+  hidden_dim: int = 64
+  encoder_layers: int = 2
+  decoder: str = 'shared'
+  decoder_type: str = 'transformer'
+  decoder_layers: int = 2
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  dropout: float = 0.1
+  conv_kernel: int = 5
+  learn_log_var: bool = False
+  log_var_bound: float = 6.0
+
+  def embed(self, model_inputs, *, train: bool):
+    """Concatenate values and mask indicators per timestep and project them to H."""
+    parts = []
+    for key in ('inputs', 'inputs_observed', 'targets', 'targets_visible'):
+      parts.extend(model_inputs[key][name].astype(jnp.float32)
+                   for name in sorted(model_inputs[key]))
+    x = nn.Dense(self.hidden_dim, name='input_projection')(jnp.concatenate(parts, axis=-1))
+    if self.conv_kernel > 1:
+      x = x + nn.Conv(self.hidden_dim, (self.conv_kernel,), padding='SAME',
+                      feature_group_count=self.hidden_dim, name='local_conv')(x)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+  def make_decoder(self, name: str, layers: int | None = None) -> Decoder:
+    return Decoder(self.decoder_type, layers or self.decoder_layers, self.num_heads,
+                   self.mlp_ratio, self.dropout, name=name)
+
+  @nn.compact
+  def __call__(self, model_inputs, *, train: bool = False):
+    valid = model_inputs['valid']
+    attention_mask = nn.make_attention_mask(valid, valid)
+    x = self.embed(model_inputs, train=train)
+    encoder = Decoder('transformer', self.encoder_layers, self.num_heads, self.mlp_ratio,
+                      self.dropout, name='encoder')
+    x = encoder(x, attention_mask, train=train)
+
+    recon = {}
+    if self.decoder == 'shared':
+      h_shared = self.make_decoder('shared_decoder')(x, attention_mask, train=train)
+      for name, size in self.targets:
+        recon[name] = nn.Dense(size, name=f'head_{name}')(h_shared)
+    elif self.decoder == 'dual':
+      for name, size in self.targets:
+        h = self.make_decoder(f'decoder_{name}')(x, attention_mask, train=train)
+        recon[name] = nn.Dense(size, name=f'head_{name}')(h)
+    else:
+      raise ValueError(f"model.decoder={self.decoder!r} is unknown; use 'shared' or 'dual'.")
+
+    outputs = {'recon': recon}
+    if self.learn_log_var:
+      outputs['log_var'] = {
+          name: self.log_var_bound * jnp.tanh(
+              self.param(f'log_var_{name}', nn.initializers.zeros, (), jnp.float32)
+              / self.log_var_bound)
+          for name, _ in self.targets}
+    return outputs
+
+
+def build_model(config, target_layouts) -> MaskedImputer:
+  m = config.model
+  return MaskedImputer(
+      targets=tuple((l.name, l.num_features) for l in target_layouts),
+      hidden_dim=m.hidden_dim, encoder_layers=m.encoder_layers, decoder=m.decoder,
+      decoder_type=m.decoder_type, decoder_layers=m.decoder_layers, num_heads=m.num_heads,
+      mlp_ratio=m.mlp_ratio, dropout=m.dropout, conv_kernel=m.conv_kernel,
+      learn_log_var=config.loss.kind.startswith('conf_'), log_var_bound=m.log_var_bound)

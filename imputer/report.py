@@ -1,0 +1,55 @@
+"""The evaluation report: `eval_report.json` and its markdown twin `eval_report.md`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def _fmt(value) -> str:
+  if value is None:
+    return 'n/a'
+  if isinstance(value, int):
+    return str(value)
+  return f'{value:.4g}'
+
+
+def _rows(scenario: dict):
+  methods = [('model', scenario['model'])] + list(scenario['baselines'].items())
+  groups = list(scenario['model'])
+  for group in groups:
+    for method, results in methods:
+      entry = results[group]
+      yield group, method, entry
+    for sensor in scenario['model'][group].get('per_sensor', {}):
+      for method, results in methods:
+        yield f'{group}/{sensor}', method, results[group]['per_sensor'][sensor]
+
+
+def to_markdown(report: dict) -> str:
+  lines = [
+      '# Evaluation report', '',
+      f"Data: {report['source']}", '',
+      f"Test subjects ({len(report['split']['test'])}): {', '.join(report['split']['test'])}",
+      f"Checkpoint: step {report['checkpoint']['step']} ({report['checkpoint']['kind']})",
+      f"Sequences scored: {report['sequences']['evaluated']}; skipped without ground truth "
+      f"(no observed target value in the file): {report['sequences']['skipped_without_ground_truth']}",
+      '', 'All errors are in the channels\' original units, on hidden values that the '
+      'recording observed.',
+  ]
+  for name, scenario in report['scenarios'].items():
+    lines += ['', f'## {name}', '']
+    if 'mask_ratio' in scenario:
+      lines += [f"Hidden fraction of (timestep, sensor) units: {scenario['mask_ratio']}", '']
+    lines += ['| group | method | MAE | RMSE | R² | count |', '|---|---|---|---|---|---|']
+    for group, method, entry in _rows(scenario):
+      lines.append(f"| {group} | {method} | {_fmt(entry['mae'])} | {_fmt(entry['rmse'])} | "
+                   f"{_fmt(entry['r2'])} | {entry['count']} |")
+  return '\n'.join(lines) + '\n'
+
+
+def write_report(report: dict, workdir: str) -> None:
+  with open(os.path.join(workdir, 'eval_report.json'), 'w', encoding='utf-8') as f:
+    json.dump(report, f, indent=2)
+  with open(os.path.join(workdir, 'eval_report.md'), 'w', encoding='utf-8') as f:
+    f.write(to_markdown(report))

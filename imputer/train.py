@@ -1,0 +1,277 @@
+"""The training loop: data, model, restore, train, evaluate and report."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from imputer import checkpointing
+from imputer import evaluation
+from imputer import folds
+from imputer import layout as layout_lib
+from imputer import metric_writer
+from imputer import models
+from imputer import recordings
+from imputer import report as report_lib
+from imputer import scaling
+from imputer import sharding
+from imputer import sources
+from imputer import training
+from imputer import windows as windows_lib
+
+
+@dataclasses.dataclass
+class RunData:
+  """Everything the loop needs from the data: layouts, scalers and windows per split."""
+
+  recording_set: recordings.RecordingSet
+  split: folds.Split
+  input_layouts: tuple
+  target_layouts: tuple
+  scalers: dict
+  train: windows_lib.Windows
+  validation: windows_lib.Windows
+  test: windows_lib.Windows
+  test_sequences: list
+  skipped: dict  # Split name -> sequences without any observed target value.
+
+  @property
+  def tag(self) -> str:
+    synthetic = 'synthetic' in self.recording_set.source
+    return 'data: SYNTHETIC' if synthetic else f'data: {self.recording_set.source}'
+
+
+def _with_truth(recording_set, subjects):
+  sequences = recording_set.select_subjects(subjects)
+  kept = [s for s in sequences if s.has_target_truth(recording_set.target_names)]
+  return kept, len(sequences) - len(kept)
+
+
+def prepare_data(config) -> RunData:
+  """Load, split, engineer, scale and window the recordings named by the config."""
+  recording_set = sources.load_recordings(config.data)
+  logging.info('Loaded %d sequences from %s.', len(recording_set.sequences),
+               recording_set.source)
+  for reason, count in sorted(recording_set.excluded.items()):
+    logging.warning('Excluded by the data source: %d x %s', count, reason)
+  split = folds.split_subjects(recording_set, config.data.num_folds, config.data.fold,
+                               config.data.split_seed)
+  logging.info('Subjects: train %s | validation %s | test %s', split.train, split.validation,
+               split.test)
+  input_layouts = layout_lib.build_layouts(recording_set.input_groups)
+  target_layouts = layout_lib.build_layouts(recording_set.target_groups)
+  layouts = input_layouts + target_layouts
+
+  per_split, skipped = {}, {}
+  for name, subjects in dataclasses.asdict(split).items():
+    per_split[name], skipped[name] = _with_truth(recording_set, subjects)
+    if skipped[name]:
+      logging.info('%s: %d sequences carry no observed target value (IMU-only in the file); '
+                   'they have nothing to reconstruct or score and are left out.', name,
+                   skipped[name])
+    if not per_split[name]:
+      raise ValueError(
+          f'the {name} subjects {subjects} have no sequence with an observed target value; '
+          'change data.fold or data.split_seed, or check the target columns of the data.')
+  engineered = {n: windows_lib.engineer_sequences(s, layouts) for n, s in per_split.items()}
+  scalers = windows_lib.fit_scalers(engineered['train'], layouts)
+  window = config.data.window
+  made = {n: windows_lib.make_windows(
+      engineered[n], layouts, scalers, window,
+      config.data.train_stride if n == 'train' else window) for n in engineered}
+  logging.info('Windows of %d timesteps: train %d | validation %d | test %d', window,
+               len(made['train']), len(made['validation']), len(made['test']))
+  return RunData(recording_set, split, input_layouts, target_layouts, scalers, made['train'],
+                 made['validation'], made['test'], per_split['test'], skipped)
+
+
+def batch_rows(step: int, num_windows: int, batch_size: int, seed: int) -> np.ndarray:
+  """Return the global window rows of `step`: a fresh seeded permutation every epoch.
+
+  A function of the step alone, so a resumed run sees the same batches. The last partial
+  batch of an epoch is left for the next epoch's permutation; with fewer windows than the
+  batch size, windows repeat within a batch.
+  """
+  steps_per_epoch = max(num_windows // batch_size, 1)
+  epoch, position = divmod(step, steps_per_epoch)
+  permutation = np.random.default_rng([seed, epoch]).permutation(num_windows)
+  if num_windows < batch_size:
+    return np.resize(permutation, batch_size)
+  return permutation[position * batch_size:(position + 1) * batch_size]
+
+
+def total_steps(config, num_windows: int) -> int:
+  steps = config.num_epochs * max(num_windows // config.batch_size, 1)
+  return min(steps, config.num_train_steps) if config.num_train_steps > 0 else steps
+
+
+def check_finite(pending: list, first_step: int, last_good: int | None) -> None:
+  """Raise FloatingPointError naming the first step and loss term that is not finite."""
+  for offset, metrics in enumerate(jax.device_get(pending)):
+    for name, value in sorted(metrics.items()):
+      if name.startswith(('loss', 'grad_norm')) and not math.isfinite(float(value)):
+        kept = 'none yet' if last_good is None else f'step {last_good}'
+        raise FloatingPointError(
+            f'training stopped: {name} = {float(value)} at step {first_step + offset + 1}. '
+            f'The last good checkpoint ({kept}) is kept; lower optim.learning_rate or check '
+            'the data for extreme values.')
+
+
+def mean_metrics(pending: list) -> dict[str, float]:
+  fetched = jax.device_get(pending)
+  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def tof_images(data: RunData, recon: dict, hidden: dict) -> dict[str, np.ndarray]:
+  """Return one target-vs-reconstruction image of the validation window with most ToF scored."""
+  tof = next((l for l in data.target_layouts if l.name == 'tof' and l.num_raw == 320), None)
+  if tof is None:
+    return {}
+  observed = data.validation.batch['observed']['tof'][..., :320]
+  scored = (hidden['tof'] & observed).sum(-1)
+  row, t = np.unravel_index(int(np.argmax(scored)), scored.shape)
+  scaler = data.scalers['tof']
+  target = scaler.inverse(data.validation.batch['values']['tof'][row, t, :320], slice(0, 320))
+  target = np.where(observed[row, t], target, 0.0)
+  prediction = scaler.inverse(recon['tof'][row, t, :320], slice(0, 320))
+  return {'val/tof_target_vs_recon': evaluation.tof_comparison_image(target, prediction)}
+
+
+def evaluate_report(data: RunData, predict_fns, params, config, mesh, checkpoint: dict) -> dict:
+  """Score the test subjects in both scenarios and return the report dictionary."""
+  lengths = [s.length for s in data.test_sequences]
+  key = jax.random.PRNGKey(config.seed + 1)
+  scenarios = {}
+  for name in evaluation.SCENARIOS:
+    _, recon, hidden = evaluation.predict_windows(
+        predict_fns[name], params, data.test, config.eval_batch_size, mesh, key)
+    per_seq_recon = {g: evaluation.stitch(data.test.index, recon[g], lengths) for g in recon}
+    per_seq_hidden = {g: evaluation.stitch(data.test.index, hidden[g], lengths) for g in hidden}
+    scenarios[name] = evaluation.score_scenario(
+        name, data.test_sequences, per_seq_recon, per_seq_hidden, data.target_layouts,
+        data.scalers)
+    if name == 'random_mask':
+      scenarios[name]['mask_ratio'] = config.mask.eval_ratio
+  return {
+      'source': data.recording_set.source,
+      'synthetic': 'synthetic' in data.recording_set.source,
+      'split': dataclasses.asdict(data.split),
+      'checkpoint': checkpoint,
+      'sequences': {'evaluated': len(data.test_sequences),
+                    'skipped_without_ground_truth': data.skipped['test']},
+      'scenarios': scenarios,
+  }
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Train on the configured data, checkpointing into `workdir`, and write the report."""
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+
+  # Data.
+  data = prepare_data(config)
+  scalers_json = scaling.scalers_to_json(data.scalers)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, 'scalers.json'), 'w', encoding='utf-8') as f:
+      json.dump(scalers_json, f)
+
+  # Model, optimizer and compiled steps.
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  num_steps = total_steps(config, len(data.train))
+  model = models.build_model(config, data.target_layouts)
+  schedule = training.make_schedule(config.optim, num_steps)
+  tx = training.make_optimizer(config.optim, schedule)
+  steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config)
+  replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  example = jax.tree.map(lambda x: x[:1], data.train.take(np.arange(1)))
+  init = functools.partial(training.create_train_state, model=model, tx=tx,
+                           input_layouts=data.input_layouts, target_layouts=data.target_layouts)
+  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed), example)
+  train_step = jax.jit(steps.train_step, in_shardings=(replicated, batched),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+  predict_fns = {name: jax.jit(fn, in_shardings=(replicated, batched, None))
+                 for name, fn in evaluation.make_predict_fns(steps, config).items()}
+
+  # Restore.
+  checkpoints = checkpointing.Checkpoints(workdir, config.max_checkpoints_to_keep)
+  abstract = checkpointing.abstract_like(state)
+  restored = checkpoints.restore_latest(abstract)
+  if restored is not None:
+    state, saved_scalers = restored
+    if saved_scalers != json.loads(json.dumps(scalers_json)):
+      raise ValueError(
+          f'the checkpoint in {workdir} was trained with other scaling statistics, so the data '
+          'or its split changed since; use a new --workdir or restore the original data.')
+    logging.info('Resumed from step %d in %s.', int(state.step), workdir)
+  start_step = int(state.step)
+  writer = metric_writer.MetricWriter(workdir, enabled=is_main)
+  best_loss = checkpoints.best_val_loss()
+  last_saved = checkpoints.latest.latest_step()
+
+  # Training loop.
+  logging.info('Training steps %d..%d (%d windows, batch %d) | %s', start_step, num_steps,
+               len(data.train), config.batch_size, data.tag)
+  pending, pending_start, window_start = [], start_step, time.perf_counter()
+  for step in range(start_step, num_steps):
+    rows = batch_rows(step, len(data.train), config.batch_size, config.seed)
+    batch = sharding.to_global(data.train.take(sharding.process_rows(rows)), mesh)
+    state, metrics = train_step(state, batch)
+    pending.append(metrics)
+    done = step + 1
+    is_last = done == num_steps
+
+    if done % config.log_every_steps == 0 or is_last:
+      check_finite(pending, pending_start, last_saved)
+      elapsed = time.perf_counter() - window_start
+      rate = len(pending) / max(elapsed, 1e-9)
+      scalars = {f'train/{k}': v for k, v in mean_metrics(pending).items()}
+      scalars['train/steps_per_second'] = rate
+      writer.write_scalars(done, scalars)
+      logging.info('step %d/%d | loss %.4f | %.2f steps/s | ETA %.0f s | %s', done, num_steps,
+                   scalars['train/loss'], rate, (num_steps - done) / rate, data.tag)
+      pending, pending_start, window_start = [], done, time.perf_counter()
+
+    if done % config.eval_every_steps == 0 or is_last:
+      val_metrics, recon, hidden = evaluation.predict_windows(
+          predict_fns['random_mask'], state.params, data.validation, config.eval_batch_size,
+          mesh, jax.random.PRNGKey(config.seed + 2))
+      writer.write_scalars(done, {f'val/{k}': v for k, v in val_metrics.items()})
+      writer.write_images(done, tof_images(data, recon, hidden))
+      logging.info('step %d | validation loss %.4f | %s', done, val_metrics['loss'], data.tag)
+      if math.isfinite(val_metrics['loss']) and (best_loss is None
+                                                 or val_metrics['loss'] < best_loss):
+        best_loss = val_metrics['loss']
+        checkpoints.save_best(done, state, scalers_json, best_loss)
+
+    if done % config.checkpoint_every_steps == 0 or is_last:
+      check_finite(pending, pending_start, last_saved)
+      checkpoints.save(done, state, scalers_json)
+      last_saved = done
+    writer.flush()
+  checkpoints.wait()
+
+  # Evaluation on the test subjects with the best-by-validation parameters.
+  best = checkpoints.restore_best(abstract)
+  params, checkpoint = state.params, {'step': int(state.step), 'kind': 'final'}
+  if best is not None:
+    params = best[0].params
+    checkpoint = {'step': int(best[0].step), 'kind': 'best by validation loss'}
+  report = evaluate_report(data, predict_fns, params, config, mesh, checkpoint)
+  if is_main:
+    report_lib.write_report(report, workdir)
+  logging.info('Wrote %s | %s', os.path.join(workdir, 'eval_report.md'), data.tag)
+  writer.close()
+  checkpoints.close()
+  return report

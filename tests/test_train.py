@@ -1,0 +1,169 @@
+"""End-to-end training on tiny synthetic data: loss, outputs, resume and report."""
+
+import json
+import os
+import shutil
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from configs import phase1
+from imputer import evaluation
+from imputer import models
+from imputer import sources
+from imputer import train
+from imputer import training
+
+
+def tiny_config(**overrides):
+  config = phase1.get_config()
+  config.data.synthetic.num_subjects = 6
+  config.data.synthetic.sequences_per_subject = 8
+  config.data.synthetic.min_length = 20
+  config.data.synthetic.max_length = 40
+  config.data.num_folds = 3
+  config.data.window = 16
+  config.data.train_stride = 8
+  config.model.hidden_dim = 16
+  config.model.encoder_layers = 1
+  config.model.decoder_layers = 1
+  config.model.num_heads = 2
+  config.batch_size = 8
+  config.num_epochs = 100
+  config.eval_batch_size = 16
+  config.optim.warmup_steps = 5
+  config.log_every_steps = 10
+  config.eval_every_steps = 20
+  config.checkpoint_every_steps = 20
+  config.max_checkpoints_to_keep = 5
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('run'))
+  config = tiny_config(num_train_steps=80, **{'loss.kind': 'mae', 'optim.learning_rate': 3e-3})
+  report = train.train_and_evaluate(config, workdir)
+  return config, workdir, report
+
+
+def test_training_loss_falls(finished_run):
+  _, workdir, _ = finished_run
+  losses = [r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r]
+  assert len(losses) == 8
+  assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_run_writes_every_output(finished_run):
+  _, workdir, _ = finished_run
+  names = set(os.listdir(workdir))
+  assert {'config.json', 'scalers.json', 'metrics.jsonl', 'eval_report.json',
+          'eval_report.md', 'checkpoints', 'checkpoints_best'} <= names
+  assert any(n.startswith('events.out.tfevents') for n in names)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')), key=int)[-1] == '80'
+  keys = set().union(*read_metrics(workdir))
+  for key in ('train/loss_recon_thm', 'train/loss_recon_tof', 'train/learning_rate',
+              'train/mask_ratio', 'train/steps_per_second', 'val/loss', 'val/loss_recon_tof'):
+    assert key in keys
+
+
+def test_report_median_baseline_matches_numpy(finished_run):
+  config, workdir, report = finished_run
+  assert report['synthetic'] is True and 'synthetic' in report['source']
+  recording_set = sources.load_recordings(config.data)
+  test_sequences = recording_set.select_subjects(report['split']['test'])
+  with_truth = [s for s in test_sequences if s.has_target_truth(('thm', 'tof'))]
+  assert report['sequences']['evaluated'] == len(with_truth)
+  assert report['sequences']['skipped_without_ground_truth'] == (
+      len(test_sequences) - len(with_truth))
+  with open(os.path.join(workdir, 'scalers.json')) as f:
+    scalers = json.load(f)
+  for group, raw in (('thm', 5), ('tof', 320)):
+    # In imu_only every observed raw value of the test subjects is scored.
+    truth = np.concatenate([s.raw[group] for s in with_truth])
+    observed = np.concatenate([s.observed[group] for s in with_truth])
+    center = np.asarray(scalers[group]['center'][:raw])
+    errors = (np.broadcast_to(center, truth.shape) - truth)[observed]
+    entry = report['scenarios']['imu_only']['baselines']['median'][group]
+    assert entry['count'] == observed.sum()
+    np.testing.assert_allclose(entry['mae'], np.abs(errors).mean(), rtol=1e-9)
+    np.testing.assert_allclose(entry['rmse'], np.sqrt((errors ** 2).mean()), rtol=1e-9)
+  per_sensor = report['scenarios']['random_mask']['model']['tof']['per_sensor']
+  assert sorted(per_sensor) == [f'tof_{i}' for i in range(1, 6)]
+  assert sum(v['count'] for v in per_sensor.values()) == (
+      report['scenarios']['random_mask']['model']['tof']['count'])
+
+
+def test_resume_continues_like_an_uninterrupted_run(finished_run, tmp_path):
+  config, workdir, _ = finished_run
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(workdir, resumed)
+  # Drop everything after step 40, as if the run had been stopped there.
+  for name in ('60', '80'):
+    shutil.rmtree(os.path.join(resumed, 'checkpoints', name))
+  shutil.rmtree(os.path.join(resumed, 'checkpoints_best'))
+  train.train_and_evaluate(config, resumed)
+  final = {}
+  for run in (workdir, resumed):
+    steps = sorted(int(n) for n in os.listdir(os.path.join(run, 'checkpoints')))
+    assert steps[-1] == 80
+    final[run] = read_metrics(run)[-1]
+  losses = {run: [r['train/loss'] for r in read_metrics(run) if r['step'] == 80 and
+                  'train/loss' in r][-1] for run in (workdir, resumed)}
+  np.testing.assert_allclose(losses[workdir], losses[resumed], rtol=1e-5)
+
+
+def test_resume_with_changed_data_is_rejected(finished_run, tmp_path):
+  config, workdir, _ = finished_run
+  other = str(tmp_path / 'other')
+  shutil.copytree(workdir, other)
+  changed = tiny_config(num_train_steps=80, **{'loss.kind': 'mae', 'data.synthetic.seed': 7})
+  with pytest.raises(ValueError, match='scaling statistics'):
+    train.train_and_evaluate(changed, other)
+
+
+def test_train_step_compiles_once():
+  config = tiny_config()
+  data = train.prepare_data(config)
+  model = models.build_model(config, data.target_layouts)
+  schedule = training.make_schedule(config.optim, 10)
+  tx = training.make_optimizer(config.optim, schedule)
+  steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config)
+  state = training.create_train_state(
+      jax.random.PRNGKey(0), data.train.take(np.arange(1)), model=model, tx=tx,
+      input_layouts=data.input_layouts, target_layouts=data.target_layouts)
+  step = jax.jit(chex.assert_max_traces(steps.train_step, n=1))
+  for i in range(3):
+    rows = train.batch_rows(i, len(data.train), config.batch_size, config.seed)
+    state, metrics = step(state, data.train.take(rows))
+  assert int(state.step) == 3
+  assert np.isfinite(float(metrics['loss']))
+  log_var = jax.device_get(metrics['log_var_thm'])
+  assert abs(float(log_var)) <= config.model.log_var_bound
+
+
+def test_batch_rows_cover_an_epoch_and_repeat_per_step():
+  rows = [train.batch_rows(s, 20, 4, seed=1) for s in range(5)]
+  assert sorted(np.concatenate(rows).tolist()) == list(range(20))
+  np.testing.assert_array_equal(train.batch_rows(7, 20, 4, 1), train.batch_rows(7, 20, 4, 1))
+  assert len(train.batch_rows(0, 3, 8, 0)) == 8
+
+
+def test_non_finite_loss_names_step_and_term():
+  pending = [{'loss': np.float32(1.0), 'loss_recon_thm': np.float32(0.5)},
+             {'loss': np.float32(np.nan), 'loss_recon_thm': np.float32(np.nan)}]
+  with pytest.raises(FloatingPointError, match=r'loss = nan at step 12.*step 10'):
+    train.check_finite(pending, 10, 10)
