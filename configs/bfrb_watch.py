@@ -34,5 +34,5 @@ def get_config():
   })
   data.window = 64  # 6.4 s at 10 Hz.
   data.train_stride = 32
-  config.num_epochs = 8
+  config.num_epochs = 16
   return config

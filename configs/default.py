@@ -33,8 +33,8 @@ def get_data_config() -> ml_collections.ConfigDict:
   data.split_seed = 0
   # Synthetic generator settings, used only when `path` is empty.
   data.synthetic = ml_collections.ConfigDict()
-  data.synthetic.num_subjects = 10
-  data.synthetic.sequences_per_subject = 24
+  data.synthetic.num_subjects = 12
+  data.synthetic.sequences_per_subject = 50
   data.synthetic.min_length = 40
   data.synthetic.max_length = 120
   data.synthetic.imu_only_fraction = 0.4
@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Width in timesteps of the depthwise convolution in front of the encoder. It gives the
   # transformer local order without position embeddings; 1 turns it off.
   config.model.conv_kernel = 5
+  # Give the model the in-window linear interpolation of each target's visible values and
+  # let its heads predict a correction to it. Where a sensor is partly visible, the model then
+  # starts from the interpolation baseline; with nothing visible the prior is the median.
+  config.model.interpolation_prior = True
   config.model.log_var_bound = 6.0  # Learned log-variances s are kept in [-bound, bound].
 
   config.mask = ml_collections.ConfigDict()
@@ -90,7 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.weight_decay = 1e-4  # AdamW decoupled weight decay.
   config.optim.grad_clip_norm = 1.0  # Global gradient norm clip; 0 turns it off.
 
-  config.num_epochs = 20  # Passes over the training windows.
+  config.num_epochs = 50  # Passes over the training windows.
   config.num_train_steps = -1  # When positive, stops at min(this, num_epochs worth of steps).
   config.batch_size = 32  # Global batch; must be divisible by the number of devices.
   config.eval_batch_size = 128

@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from imputer import quaternions
+
 GRAVITY = 9.81  # m/s², removed from the accelerometer along the quaternion's world z axis.
 
 CMI_IMU_COLUMNS = ('acc_x', 'acc_y', 'acc_z', 'rot_w', 'rot_x', 'rot_y', 'rot_z')
@@ -52,33 +54,10 @@ def _diff(x: np.ndarray) -> np.ndarray:
   return out
 
 
-def _quat_normalize(q: np.ndarray) -> np.ndarray:
-  norm = np.linalg.norm(q, axis=-1, keepdims=True)
-  return q / np.where(norm > 0, norm, np.nan)
-
-
-def _quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  aw, ax, ay, az = np.moveaxis(a, -1, 0)
-  bw, bx, by, bz = np.moveaxis(b, -1, 0)
-  return np.stack([
-      aw * bw - ax * bx - ay * by - az * bz,
-      aw * bx + ax * bw + ay * bz - az * by,
-      aw * by - ax * bz + ay * bw + az * bx,
-      aw * bz + ax * by - ay * bx + az * bw,
-  ], axis=-1)
-
-
-def _world_z_in_sensor_frame(q: np.ndarray) -> np.ndarray:
-  """Return the world z axis expressed in the sensor frame: the third row of R(q)."""
-  w, x, y, z = np.moveaxis(q, -1, 0)
-  return np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], axis=-1)
-
-
 def _relative_rotation(q: np.ndarray) -> np.ndarray:
   """Return conj(q[t-1]) * q[t] on the short arc (w >= 0); the first row is NaN."""
-  conj = q * np.array([1.0, -1.0, -1.0, -1.0])
   rel = np.full_like(q, np.nan)
-  rel[1:] = _quat_multiply(conj[:-1], q[1:])
+  rel[1:] = quaternions.multiply(quaternions.conjugate(q[:-1]), q[1:])
   return rel * np.where(rel[:, :1] < 0, -1.0, 1.0)
 
 
@@ -94,10 +73,10 @@ def _rotation_vector(rel: np.ndarray) -> np.ndarray:
 
 def compute_cmi_imu(raw: np.ndarray) -> np.ndarray:
   """Map (T, 7) acc_xyz + rot_wxyz to the 20 IMU channels listed in `CMI_IMU_NAMES`."""
-  acc, q = raw[:, :3], _quat_normalize(raw[:, 3:7])
+  acc, q = raw[:, :3], quaternions.normalize(raw[:, 3:7])
   acc_mag = np.linalg.norm(acc, axis=1)
   rot_angle = 2.0 * np.arccos(np.clip(np.abs(q[:, 0]), 0.0, 1.0))
-  linear = acc - GRAVITY * _world_z_in_sensor_frame(q)
+  linear = acc - GRAVITY * quaternions.world_z_in_sensor_frame(q)
   linear_mag = np.linalg.norm(linear, axis=1)
   rel = _relative_rotation(q)
   angular_velocity = _rotation_vector(rel)

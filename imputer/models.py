@@ -73,7 +73,9 @@ class MaskedImputer(nn.Module):
 
   `targets` lists (group name, number of features) in a fixed order. `decoder` is 'shared'
   (one trunk producing h_shared and a Dense head per group) or 'dual' (a deep decoder per
-  group and no shared trunk, kept to compare against). With `learn_log_var` the model owns
+  group and no shared trunk, kept to compare against). When the inputs carry
+  'targets_prior', each head's raw channels are a correction on top of that prior (see
+  `gated_prior`). With `learn_log_var` the model owns
   one float32 log-variance per group, bounded to [-log_var_bound, log_var_bound].
   """
 
@@ -93,14 +95,32 @@ class MaskedImputer(nn.Module):
   def embed(self, model_inputs, *, train: bool):
     """Concatenate values and mask indicators per timestep and project them to H."""
     parts = []
-    for key in ('inputs', 'inputs_observed', 'targets', 'targets_visible'):
+    for key in ('inputs', 'inputs_observed', 'targets', 'targets_visible', 'targets_prior'):
       parts.extend(model_inputs[key][name].astype(jnp.float32)
-                   for name in sorted(model_inputs[key]))
+                   for name in sorted(model_inputs.get(key, {})))
     x = nn.Dense(self.hidden_dim, name='input_projection')(jnp.concatenate(parts, axis=-1))
+    # Padding becomes exact zeros, so the convolution sees it like the zero padding at the
+    # window's edges, whatever the padded rows contain.
+    x = x * model_inputs['valid'][..., None]
     if self.conv_kernel > 1:
       x = x + nn.Conv(self.hidden_dim, (self.conv_kernel,), padding='SAME',
                       feature_group_count=self.hidden_dim, name='local_conv')(x)
     return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+  def gated_prior(self, name, features, prior, model_inputs):
+    """Return reference + gate * (prior - reference) for the raw channels of group `name`.
+
+    The reference is the mean of the channel's visible values in the window (0, the training
+    median, when none is visible), so a recording's level passes through unscaled. A learned
+    gate per timestep and channel decides how much of the interpolation's shape around it to
+    keep: near 1 for smooth signals, near 0 for spiky ones.
+    """
+    values = model_inputs['targets'][name]
+    visible = model_inputs['targets_visible'][name].astype(jnp.float32)
+    count = visible.sum(axis=1, keepdims=True)
+    reference = (values * visible).sum(axis=1, keepdims=True) / jnp.maximum(count, 1.0)
+    gate = nn.sigmoid(nn.Dense(prior.shape[-1], name=f'prior_gate_{name}')(features))
+    return reference + gate * (prior - reference)
 
   def make_decoder(self, name: str, layers: int | None = None) -> Decoder:
     return Decoder(self.decoder_type, layers or self.decoder_layers, self.num_heads,
@@ -115,18 +135,22 @@ class MaskedImputer(nn.Module):
                       self.dropout, name='encoder')
     x = encoder(x, attention_mask, train=train)
 
-    recon = {}
     if self.decoder == 'shared':
       h_shared = self.make_decoder('shared_decoder')(x, attention_mask, train=train)
-      for name, size in self.targets:
-        recon[name] = nn.Dense(size, name=f'head_{name}')(h_shared)
+      features = {name: h_shared for name, _ in self.targets}
     elif self.decoder == 'dual':
-      for name, size in self.targets:
-        h = self.make_decoder(f'decoder_{name}')(x, attention_mask, train=train)
-        recon[name] = nn.Dense(size, name=f'head_{name}')(h)
+      features = {name: self.make_decoder(f'decoder_{name}')(x, attention_mask, train=train)
+                  for name, _ in self.targets}
     else:
       raise ValueError(f"model.decoder={self.decoder!r} is unknown; use 'shared' or 'dual'.")
 
+    recon = {}
+    priors = model_inputs.get('targets_prior', {})
+    for name, size in self.targets:
+      recon[name] = nn.Dense(size, name=f'head_{name}')(features[name])
+      if name in priors:
+        recon[name] = recon[name].at[..., :priors[name].shape[-1]].add(
+            self.gated_prior(name, features[name], priors[name], model_inputs))
     outputs = {'recon': recon}
     if self.learn_log_var:
       outputs['log_var'] = {

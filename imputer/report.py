@@ -1,4 +1,8 @@
-"""The evaluation report: `eval_report.json` and its markdown twin `eval_report.md`."""
+"""Evaluation reports as JSON with a markdown twin.
+
+`eval_report` scores the test subjects; `validation_report` scores the validation subjects the
+same way, for choosing settings without looking at the test subjects.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ def to_markdown(report: dict) -> str:
   lines = [
       '# Evaluation report', '',
       f"Data: {report['source']}", '',
-      f"Test subjects ({len(report['split']['test'])}): {', '.join(report['split']['test'])}",
+      f"Scored subjects ({report['evaluated_split']}, "
+      f"{len(report['split'][report['evaluated_split']])}): "
+      f"{', '.join(report['split'][report['evaluated_split']])}",
       f"Checkpoint: step {report['checkpoint']['step']} ({report['checkpoint']['kind']})",
       f"Sequences scored: {report['sequences']['evaluated']}; skipped without ground truth "
       f"(no observed target value in the file): {report['sequences']['skipped_without_ground_truth']}",
@@ -48,8 +54,9 @@ def to_markdown(report: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def write_report(report: dict, workdir: str) -> None:
-  with open(os.path.join(workdir, 'eval_report.json'), 'w', encoding='utf-8') as f:
+def write_report(report: dict, workdir: str, name: str) -> None:
+  """Write `name`.json and `name`.md into `workdir`."""
+  with open(os.path.join(workdir, f'{name}.json'), 'w', encoding='utf-8') as f:
     json.dump(report, f, indent=2)
-  with open(os.path.join(workdir, 'eval_report.md'), 'w', encoding='utf-8') as f:
+  with open(os.path.join(workdir, f'{name}.md'), 'w', encoding='utf-8') as f:
     f.write(to_markdown(report))

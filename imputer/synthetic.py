@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 import polars as pl
 
-from imputer import cmi, features
+from imputer import cmi, features, quaternions
 from imputer.recordings import RecordingSet
 
 SAMPLE_RATE_HZ = 10.0  # Rows per second. It only scales the acceleration derived from positions.
@@ -191,9 +191,9 @@ def _simulate_sequence(rng, device: _Device, subject: _Subject, sequence_id: str
   roll = roll_amplitude * gesture_weight * np.sin(
       2 * np.pi * frequency * np.arange(length) + rng.uniform(0, 2 * np.pi))
   # The body frame: the subject's heading about the vertical, then the posture.
-  body = _quaternion_product(
-      _axis_angle_quaternion((0.0, 0.0, 1.0), rng.uniform(-np.pi, np.pi)),
-      _axis_angle_quaternion(body_axis, body_angle))
+  body = quaternions.multiply(
+      quaternions.from_axis_angle((0.0, 0.0, 1.0), rng.uniform(-np.pi, np.pi)),
+      quaternions.from_axis_angle(body_axis, body_angle))
   pitch = subject.rest_pitch + subject.lift_angle * proximity
   quaternion = _hand_quaternion(rng, body, pitch, roll)
   acceleration = _accelerometer(rng, body, quaternion, proximity, roll, subject.reach_length)
@@ -258,41 +258,11 @@ def _proximity(
   return np.clip(proximity + drift, 0.0, 1.0)
 
 
-def _axis_angle_quaternion(axis, angle) -> np.ndarray:
-  """Return scalar-first unit quaternions for rotations by `angle` (rad, any shape) about `axis`."""
-  axis = np.asarray(axis, dtype=np.float64)
-  axis = axis / np.linalg.norm(axis)
-  half = np.asarray(angle, dtype=np.float64)[..., None] / 2
-  return np.concatenate([np.cos(half), np.sin(half) * axis], axis=-1)
-
-
-def _quaternion_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Return the Hamilton product a * b of scalar-first quaternions, broadcasting leading axes."""
-  aw, ax, ay, az = np.moveaxis(np.asarray(a), -1, 0)
-  bw, bx, by, bz = np.moveaxis(np.asarray(b), -1, 0)
-  return np.stack([
-      aw * bw - ax * bx - ay * by - az * bz,
-      aw * bx + ax * bw + ay * bz - az * by,
-      aw * by - ax * bz + ay * bw + az * bx,
-      aw * bz + ax * by - ay * bx + az * bw,
-  ], axis=-1)
-
-
-def _conjugate(q: np.ndarray) -> np.ndarray:
-  return q * np.array([1.0, -1.0, -1.0, -1.0])
-
-
-def _rotate(q: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-  """Rotate (T, 3) vectors by unit quaternions q: the vector part of q * v * conj(q)."""
-  pure = np.concatenate([np.zeros(vectors.shape[:-1] + (1,)), vectors], axis=-1)
-  return _quaternion_product(_quaternion_product(q, pure), _conjugate(q))[..., 1:]
-
-
 def _hand_quaternion(rng, body: np.ndarray, pitch: np.ndarray, roll: np.ndarray) -> np.ndarray:
   """Return the (T, 4) sensor-to-world quaternion: body, then wrist pitch, then wrist roll."""
-  hand = _quaternion_product(
-      _axis_angle_quaternion((0.0, 1.0, 0.0), pitch), _axis_angle_quaternion((1.0, 0.0, 0.0), roll))
-  quaternion = _quaternion_product(body, hand)
+  hand = quaternions.multiply(quaternions.from_axis_angle((0.0, 1.0, 0.0), pitch),
+                              quaternions.from_axis_angle((1.0, 0.0, 0.0), roll))
+  quaternion = quaternions.multiply(body, hand)
   quaternion = quaternion + rng.normal(0.0, 0.003, size=quaternion.shape)
   quaternion /= np.linalg.norm(quaternion, axis=1, keepdims=True)
   # q and -q are the same rotation, so report the one with w >= 0.
@@ -309,10 +279,10 @@ def _accelerometer(rng, body, quaternion, proximity, roll, reach_length: float) 
   position = reach_length * proximity[:, None] * reach_direction
   # The gesture's wrist roll also moves the hand sideways, 5 cm per radian.
   position[:, 1] += 0.05 * roll
-  position = _rotate(np.broadcast_to(body, position.shape[:1] + (4,)), position)
+  position = quaternions.rotate(np.broadcast_to(body, position.shape[:1] + (4,)), position)
   linear = np.gradient(np.gradient(position, axis=0), axis=0) * SAMPLE_RATE_HZ ** 2
   specific_force = linear + np.array([0.0, 0.0, features.GRAVITY])
-  sensor_frame = _rotate(_conjugate(quaternion), specific_force)
+  sensor_frame = quaternions.rotate(quaternions.conjugate(quaternion), specific_force)
   return sensor_frame + rng.normal(0.0, 0.1, size=sensor_frame.shape)
 
 

@@ -40,7 +40,7 @@ class RunData:
   train: windows_lib.Windows
   validation: windows_lib.Windows
   test: windows_lib.Windows
-  test_sequences: list
+  sequences: dict  # Split name -> the sequences with target truth that were windowed.
   skipped: dict  # Split name -> sequences without any observed target value.
 
   @property
@@ -90,7 +90,7 @@ def prepare_data(config) -> RunData:
   logging.info('Windows of %d timesteps: train %d | validation %d | test %d', window,
                len(made['train']), len(made['validation']), len(made['test']))
   return RunData(recording_set, split, input_layouts, target_layouts, scalers, made['train'],
-                 made['validation'], made['test'], per_split['test'], skipped)
+                 made['validation'], made['test'], per_split, skipped)
 
 
 def batch_rows(step: int, num_windows: int, batch_size: int, seed: int) -> np.ndarray:
@@ -145,28 +145,30 @@ def tof_images(data: RunData, recon: dict, hidden: dict) -> dict[str, np.ndarray
   return {'val/tof_target_vs_recon': evaluation.tof_comparison_image(target, prediction)}
 
 
-def evaluate_report(data: RunData, predict_fns, params, config, mesh, checkpoint: dict) -> dict:
-  """Score the test subjects in both scenarios and return the report dictionary."""
-  lengths = [s.length for s in data.test_sequences]
+def evaluate_report(data: RunData, split: str, predict_fns, params, config, mesh,
+                    checkpoint: dict) -> dict:
+  """Score the subjects of `split` in both scenarios and return the report dictionary."""
+  windows, sequences = getattr(data, split), data.sequences[split]
+  lengths = [s.length for s in sequences]
   key = jax.random.PRNGKey(config.seed + 1)
   scenarios = {}
   for name in evaluation.SCENARIOS:
     _, recon, hidden = evaluation.predict_windows(
-        predict_fns[name], params, data.test, config.eval_batch_size, mesh, key)
-    per_seq_recon = {g: evaluation.stitch(data.test.index, recon[g], lengths) for g in recon}
-    per_seq_hidden = {g: evaluation.stitch(data.test.index, hidden[g], lengths) for g in hidden}
+        predict_fns[name], params, windows, config.eval_batch_size, mesh, key)
+    per_seq_recon = {g: evaluation.stitch(windows.index, recon[g], lengths) for g in recon}
+    per_seq_hidden = {g: evaluation.stitch(windows.index, hidden[g], lengths) for g in hidden}
     scenarios[name] = evaluation.score_scenario(
-        name, data.test_sequences, per_seq_recon, per_seq_hidden, data.target_layouts,
-        data.scalers)
+        name, sequences, per_seq_recon, per_seq_hidden, data.target_layouts, data.scalers)
     if name == 'random_mask':
       scenarios[name]['mask_ratio'] = config.mask.eval_ratio
   return {
       'source': data.recording_set.source,
       'synthetic': 'synthetic' in data.recording_set.source,
+      'evaluated_split': split,
       'split': dataclasses.asdict(data.split),
       'checkpoint': checkpoint,
-      'sequences': {'evaluated': len(data.test_sequences),
-                    'skipped_without_ground_truth': data.skipped['test']},
+      'sequences': {'evaluated': len(sequences),
+                    'skipped_without_ground_truth': data.skipped[split]},
       'scenarios': scenarios,
   }
 
@@ -197,7 +199,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   example = jax.tree.map(lambda x: x[:1], data.train.take(np.arange(1)))
   init = functools.partial(training.create_train_state, model=model, tx=tx,
-                           input_layouts=data.input_layouts, target_layouts=data.target_layouts)
+                           input_layouts=data.input_layouts, target_layouts=data.target_layouts,
+                           prior=config.model.interpolation_prior)
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed), example)
   train_step = jax.jit(steps.train_step, in_shardings=(replicated, batched),
                        out_shardings=(replicated, replicated), donate_argnums=0)
@@ -262,15 +265,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.flush()
   checkpoints.wait()
 
-  # Evaluation on the test subjects with the best-by-validation parameters.
+  # Evaluation with the best-by-validation parameters: the test subjects give the report, and
+  # the same figures on the validation subjects are for choosing settings without the test.
   best = checkpoints.restore_best(abstract)
   params, checkpoint = state.params, {'step': int(state.step), 'kind': 'final'}
   if best is not None:
     params = best[0].params
     checkpoint = {'step': int(best[0].step), 'kind': 'best by validation loss'}
-  report = evaluate_report(data, predict_fns, params, config, mesh, checkpoint)
+  report = evaluate_report(data, 'test', predict_fns, params, config, mesh, checkpoint)
+  validation = evaluate_report(data, 'validation', predict_fns, params, config, mesh,
+                               checkpoint)
   if is_main:
-    report_lib.write_report(report, workdir)
+    report_lib.write_report(report, workdir, 'eval_report')
+    report_lib.write_report(validation, workdir, 'validation_report')
   logging.info('Wrote %s | %s', os.path.join(workdir, 'eval_report.md'), data.tag)
   writer.close()
   checkpoints.close()

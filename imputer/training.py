@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from imputer import interpolation
 from imputer import losses
 from imputer import masking
 
@@ -44,16 +45,26 @@ def make_optimizer(optim_config, schedule) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def model_inputs(batch, input_layouts, target_layouts, visible_raw):
-  """Build the model's input pytree: target values are zero wherever not visible."""
-  return {
+def model_inputs(batch, input_layouts, target_layouts, visible_raw, prior: bool):
+  """Build the model's input pytree: target values are zero wherever not visible.
+
+  With `prior`, 'targets_prior' adds the in-window linear interpolation of the visible raw
+  target values, which the model both reads and corrects.
+  """
+  targets = {l.name: batch['values'][l.name][..., :l.num_raw] * visible_raw[l.name]
+             for l in target_layouts}
+  inputs = {
       'valid': batch['valid'],
       'inputs': {l.name: batch['values'][l.name] for l in input_layouts},
       'inputs_observed': {l.name: batch['observed'][l.name] for l in input_layouts},
-      'targets': {l.name: batch['values'][l.name][..., :l.num_raw] * visible_raw[l.name]
-                  for l in target_layouts},
+      'targets': targets,
       'targets_visible': {l.name: visible_raw[l.name] for l in target_layouts},
   }
+  if prior:
+    inputs['targets_prior'] = {
+        name: interpolation.interpolate_visible(value, visible_raw[name])
+        for name, value in targets.items()}
+  return inputs
 
 
 def masked_views(batch, target_layouts, hidden_raw):
@@ -88,7 +99,8 @@ class Steps:
 
   def loss_and_outputs(self, params, batch, hidden_raw, dropout_rng, train):
     visible, weights = masked_views(batch, self.target_layouts, hidden_raw)
-    inputs = model_inputs(batch, self.input_layouts, self.target_layouts, visible)
+    inputs = model_inputs(batch, self.input_layouts, self.target_layouts, visible,
+                          self.config.model.interpolation_prior)
     rngs = {'dropout': dropout_rng} if train else {}
     outputs = self.model.apply({'params': params}, inputs, train=train, rngs=rngs)
     targets = {l.name: batch['values'][l.name] for l in self.target_layouts}
@@ -120,12 +132,13 @@ class Steps:
     return {'loss': loss, **terms}, outputs['recon']
 
 
-def create_train_state(rng, example_batch, *, model, tx, input_layouts, target_layouts):
+def create_train_state(rng, example_batch, *, model, tx, input_layouts, target_layouts,
+                       prior: bool):
   """Initialise parameters from an example batch and return step-0 state."""
   param_rng, state_rng = jax.random.split(rng)
   visible = {l.name: jnp.ones(example_batch['values'][l.name].shape[:2] + (l.num_raw,))
              for l in target_layouts}
-  inputs = model_inputs(example_batch, input_layouts, target_layouts, visible)
+  inputs = model_inputs(example_batch, input_layouts, target_layouts, visible, prior)
   params = model.init({'params': param_rng}, inputs, train=False)['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=state_rng)

@@ -113,6 +113,7 @@ def test_markdown_report_lists_every_method():
   scenario = {'model': {'g': dict(entry)}, 'baselines': {'median': {'g': dict(entry)}}}
   text = report.to_markdown({
       'source': 'synthetic CMI-schema data', 'split': {'test': ['s1']},
+      'evaluated_split': 'test',
       'checkpoint': {'step': 5, 'kind': 'final'},
       'sequences': {'evaluated': 1, 'skipped_without_ground_truth': 2},
       'scenarios': {'imu_only': scenario}})

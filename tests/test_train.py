@@ -144,7 +144,8 @@ def test_train_step_compiles_once():
   steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config)
   state = training.create_train_state(
       jax.random.PRNGKey(0), data.train.take(np.arange(1)), model=model, tx=tx,
-      input_layouts=data.input_layouts, target_layouts=data.target_layouts)
+      input_layouts=data.input_layouts, target_layouts=data.target_layouts,
+      prior=config.model.interpolation_prior)
   step = jax.jit(chex.assert_max_traces(steps.train_step, n=1))
   for i in range(3):
     rows = train.batch_rows(i, len(data.train), config.batch_size, config.seed)

@@ -1,0 +1,107 @@
+"""The masked imputer's outputs: shapes, padding, the prior and the bounded log-variance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imputer import interpolation
+from imputer import models
+
+TARGETS = (('thm', 17), ('tof', 320))
+RAW = {'thm': 5, 'tof': 320}
+
+
+def make_inputs(seed=0, batch=2, window=8, prior=True):
+  rng = np.random.default_rng(seed)
+  visible = {g: (rng.random((batch, window, n)) < 0.5).astype(np.float32) for g, n in RAW.items()}
+  targets = {g: rng.normal(size=(batch, window, n)).astype(np.float32) * visible[g]
+             for g, n in RAW.items()}
+  valid = np.ones((batch, window), bool)
+  valid[1, 5:] = False
+  for g in RAW:
+    visible[g][1, 5:] = 0.0
+    targets[g][1, 5:] = 0.0
+  inputs = {
+      'valid': valid,
+      'inputs': {'imu': rng.normal(size=(batch, window, 20)).astype(np.float32)},
+      'inputs_observed': {'imu': np.ones((batch, window, 20), bool)},
+      'targets': targets, 'targets_visible': visible,
+  }
+  if prior:
+    inputs['targets_prior'] = {
+        g: interpolation.interpolate_visible(targets[g], visible[g]) for g in RAW}
+  return inputs
+
+
+def init(model, inputs):
+  return model.init({'params': jax.random.PRNGKey(0)}, inputs)['params']
+
+
+def test_shared_and_dual_output_shapes():
+  inputs = make_inputs()
+  for decoder, trunk in (('shared', {'shared_decoder'}), ('dual', {'decoder_thm', 'decoder_tof'})):
+    model = models.MaskedImputer(TARGETS, hidden_dim=16, num_heads=2, decoder=decoder)
+    params = init(model, inputs)
+    out = model.apply({'params': params}, inputs)
+    assert out['recon']['thm'].shape == (2, 8, 17)
+    assert out['recon']['tof'].shape == (2, 8, 320)
+    assert trunk <= set(params)
+    assert {'head_thm', 'head_tof'} <= set(params)
+
+
+def test_padding_content_does_not_change_outputs():
+  model = models.MaskedImputer(TARGETS, hidden_dim=16, num_heads=2, decoder_type='transformer')
+  inputs = make_inputs()
+  params = init(model, inputs)
+  before = model.apply({'params': params}, inputs)['recon']
+  changed = jax.tree.map(lambda x: x, inputs)
+  changed['inputs']['imu'] = changed['inputs']['imu'].copy()
+  changed['inputs']['imu'][1, 5:] = 1e3
+  after = model.apply({'params': params}, changed)['recon']
+  for g in RAW:
+    np.testing.assert_allclose(after[g][1, :5], before[g][1, :5], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(after[g][0], before[g][0], rtol=1e-5, atol=1e-5)
+
+
+def test_open_gate_with_silent_head_returns_prior():
+  model = models.MaskedImputer(TARGETS, hidden_dim=16, num_heads=2)
+  inputs = make_inputs()
+  params = init(model, inputs)
+  params = jax.tree.map(lambda x: x, params)
+  for g in RAW:
+    params[f'head_{g}'] = jax.tree.map(jnp.zeros_like, params[f'head_{g}'])
+    gate = params[f'prior_gate_{g}']
+    params[f'prior_gate_{g}'] = {'kernel': jnp.zeros_like(gate['kernel']),
+                                 'bias': jnp.full_like(gate['bias'], 50.0)}
+  out = model.apply({'params': params}, inputs)['recon']
+  for g, n in RAW.items():
+    np.testing.assert_allclose(out[g][..., :n], inputs['targets_prior'][g], atol=1e-5)
+    np.testing.assert_allclose(out[g][..., n:], 0.0)
+
+
+def test_closed_gate_returns_visible_mean():
+  model = models.MaskedImputer(TARGETS, hidden_dim=16, num_heads=2)
+  inputs = make_inputs()
+  params = init(model, inputs)
+  params = jax.tree.map(lambda x: x, params)
+  params['head_thm'] = jax.tree.map(jnp.zeros_like, params['head_thm'])
+  gate = params['prior_gate_thm']
+  params['prior_gate_thm'] = {'kernel': jnp.zeros_like(gate['kernel']),
+                              'bias': jnp.full_like(gate['bias'], -50.0)}
+  out = np.asarray(model.apply({'params': params}, inputs)['recon']['thm'])
+  values, visible = inputs['targets']['thm'], inputs['targets_visible']['thm']
+  mean = (values * visible).sum(1) / np.maximum(visible.sum(1), 1)
+  np.testing.assert_allclose(out[..., :5], np.broadcast_to(mean[:, None], out[..., :5].shape),
+                             atol=1e-5)
+
+
+def test_log_variance_is_bounded():
+  model = models.MaskedImputer(TARGETS, hidden_dim=16, num_heads=2, learn_log_var=True,
+                               log_var_bound=3.0)
+  inputs = make_inputs(prior=False)
+  params = init(model, inputs)
+  params = dict(params, log_var_thm=jnp.float32(100.0), log_var_tof=jnp.float32(-100.0))
+  out = model.apply({'params': params}, inputs)['log_var']
+  assert out['thm'].dtype == jnp.float32
+  np.testing.assert_allclose(float(out['thm']), 3.0, rtol=1e-6)
+  np.testing.assert_allclose(float(out['tof']), -3.0, rtol=1e-6)
