@@ -2,7 +2,7 @@
 
   python launch.py --config=configs/bfrb_watch.py --config.data.path=FOLDER --workdir=runs/watch
 
-FOLDER holds one sub-folder per participant (exp-1 ... exp-10 in the public recordings of
+FOLDER contains one sub-folder per participant (exp-1 ... exp-10 in the public recordings of
 Searle et al., MobileHCI 2021), each with accLabeled.csv, gyrLabeled.csv, ppgLabeled.csv and
 hrmLabeled.csv. Participants are the subjects, so whole participants are held out. It derives
 from phase 1 (shared decoder, conf_mae) and changes only the data.

@@ -34,7 +34,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   # Synthetic generator settings, used only when `path` is empty.
   data.synthetic = ml_collections.ConfigDict()
   data.synthetic.num_subjects = 12
-  data.synthetic.sequences_per_subject = 50
+  data.synthetic.sequences_per_subject = 100
   data.synthetic.min_length = 40
   data.synthetic.max_length = 120
   data.synthetic.imu_only_fraction = 0.4

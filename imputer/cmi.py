@@ -151,6 +151,7 @@ def from_cmi_frame(
     labels = _text_column(frame, 'gesture', source, allow_null=True)
     _check_constant_within_sequence(order, starts, sequence_ids, labels, 'gesture', source)
 
+  excluded = _count_unusable(values, tof_no_return)
   raw, observed = {}, {}
   already_sorted = bool((order == np.arange(len(order))).all())
   for name in list(values):
@@ -169,7 +170,26 @@ def from_cmi_frame(
         raw={name: group_values[start:end] for name, group_values in raw.items()},
         observed={name: mask[start:end] for name, mask in observed.items()},
         label=None if labels is None else labels[first_row]))
-  return RecordingSet(source, input_groups, target_groups, sequences, collections.Counter())
+  return RecordingSet(source, input_groups, target_groups, sequences, excluded)
+
+
+def _count_unusable(values: dict[str, np.ndarray], tof_no_return: str) -> collections.Counter:
+  """Count the readings that the file has but that become missing values."""
+  excluded = collections.Counter()
+  quaternion = values['imu'][:, 3:7]
+  with np.errstate(invalid='ignore'):
+    zero = (np.nan_to_num(quaternion) == 0).all(axis=1) & np.isfinite(quaternion).any(axis=1)
+    partial = np.isnan(quaternion).any(axis=1) & ~np.isnan(quaternion).all(axis=1)
+  if zero.any():
+    excluded['imu: rows with a zero quaternion, treated as missing orientation'] = int(zero.sum())
+  if partial.any():
+    excluded['imu: rows with a partly missing quaternion, treated as missing orientation'] = int(
+        partial.sum())
+  if tof_no_return == 'missing':
+    no_return = int((values['tof'] == TOF_NO_RETURN).sum())
+    if no_return:
+      excluded['tof: no-return (-1) pixel values, treated as missing'] = no_return
+  return excluded
 
 
 def _check_options(source: str, tof_no_return: str, tof_far_value: float) -> None:
@@ -218,8 +238,20 @@ def _sensor_values(frame: pl.DataFrame, groups, source: str) -> dict[str, np.nda
     # 570k rows (polars 2.1, 2 CPU cores).
     columns = columns.fill_null(np.nan)
     values[group.name] = columns.to_numpy(order='c')
+    _check_no_infinity(values[group.name], group.columns, source)
   _check_tof_values(values['tof'], source)
   return values
+
+
+def _check_no_infinity(values: np.ndarray, columns, source: str) -> None:
+  """Raise ValueError at the first infinite value: a sensor fault, not a missing reading."""
+  infinite = np.isinf(values)
+  if infinite.any():
+    row, column = np.argwhere(infinite)[0]
+    raise ValueError(
+        f'{source}: column {columns[column]!r} contains the infinite value '
+        f'{values[row, column]:g} at data row {row + 1}; correct it, or leave the cell empty '
+        'or write NaN to mark it missing.')
 
 
 def _float_column(column: pl.Series, source: str) -> pl.Series:

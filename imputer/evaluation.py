@@ -15,8 +15,6 @@ median, and the report counts those values.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -38,8 +36,10 @@ def make_predict_fns(steps, config):
     return metrics, recon, hidden
 
   def imu_only(params, batch, key):
-    del key  # Nothing is random: every target value is hidden.
-    hidden = masking.hide_all(layouts, *batch['valid'].shape)
+    # Every unit is hidden (probability 1). Drawing the all-true mask from the key keeps it a
+    # run-time value: as a constant, XLA would spend tens of seconds folding the
+    # interpolation prior of the ToF group at compile time.
+    hidden = masking.sample_hidden(key, layouts, *batch['valid'].shape, 1.0, 0.0)
     metrics, recon = steps.evaluate(params, batch, hidden)
     return metrics, recon, hidden
 
@@ -85,32 +85,42 @@ def stitch(index: np.ndarray, arrays: np.ndarray, lengths: list[int]) -> list[np
   return out
 
 
-@dataclasses.dataclass
 class ErrorSums:
-  """Running sums for MAE, RMSE and R² over scored values."""
+  """Running per-channel sums for MAE, RMSE and R² over scored values.
 
-  abs_error: float = 0.0
-  sq_error: float = 0.0
-  count: int = 0
-  truth_sum: float = 0.0
-  truth_sq_sum: float = 0.0
+  R² is variance-weighted: 1 - SSE / SST, where SST sums each channel's squared deviations
+  from that channel's own mean. Pooling channels around one grand mean instead would count
+  the offsets between channels as explained variance and flatter every method.
+  """
 
-  def add(self, truth: np.ndarray, prediction: np.ndarray) -> None:
-    error = prediction - truth
+  def __init__(self, num_channels: int):
+    self.abs_error = 0.0
+    self.sq_error = 0.0
+    self.count = np.zeros(num_channels)
+    self.truth_sum = np.zeros(num_channels)
+    self.truth_sq_sum = np.zeros(num_channels)
+
+  def add(self, truth: np.ndarray, prediction: np.ndarray, scored: np.ndarray) -> None:
+    """Add the `scored` entries of (T, C) `truth` and `prediction`."""
+    error = np.where(scored, prediction - truth, 0.0)
+    kept = np.where(scored, truth, 0.0)
     self.abs_error += float(np.abs(error).sum())
     self.sq_error += float((error * error).sum())
-    self.count += int(truth.size)
-    self.truth_sum += float(truth.sum())
-    self.truth_sq_sum += float((truth * truth).sum())
+    self.count += scored.sum(axis=0)
+    self.truth_sum += kept.sum(axis=0)
+    self.truth_sq_sum += (kept * kept).sum(axis=0)
 
   def result(self) -> dict:
-    """Return mae, rmse, r2 and count; r2 is None when fewer than 2 values or no variance."""
-    if self.count == 0:
+    """Return mae, rmse, r2 and count; r2 is None when the scored truth has no variance."""
+    count = int(self.count.sum())
+    if count == 0:
       return {'mae': None, 'rmse': None, 'r2': None, 'count': 0}
-    total = self.truth_sq_sum - self.truth_sum ** 2 / self.count
-    r2 = 1.0 - self.sq_error / total if self.count > 1 and total > 0 else None
-    return {'mae': self.abs_error / self.count, 'rmse': float(np.sqrt(self.sq_error / self.count)),
-            'r2': r2, 'count': self.count}
+    seen = self.count > 0
+    total = float((self.truth_sq_sum[seen]
+                   - self.truth_sum[seen] ** 2 / self.count[seen]).sum())
+    r2 = 1.0 - self.sq_error / total if total > 1e-12 * max(count, 1) else None
+    return {'mae': self.abs_error / count, 'rmse': float(np.sqrt(self.sq_error / count)),
+            'r2': r2, 'count': count}
 
 
 def interpolate_sequence(values: np.ndarray, visible: np.ndarray, fallback: np.ndarray):
@@ -152,10 +162,10 @@ def score_scenario(scenario, sequences, predictions, hidden, layouts, scalers) -
     keys = [name] + [f'{name}/{s}' for s in _sensor_names(layout)]
     for m in methods:
       for key in keys:
-        sums[m][key] = ErrorSums()
+        sums[m][key] = ErrorSums(raw)
     fallback_values[name] = 0
     for i, seq in enumerate(sequences):
-      truth = seq.raw[name]
+      truth = np.nan_to_num(seq.raw[name])
       scored = hidden[name][i] & seq.observed[name]
       candidates = {
           'model': scalers[name].inverse(predictions[name][i][:, :raw], slice(0, raw)),
@@ -167,11 +177,9 @@ def score_scenario(scenario, sequences, predictions, hidden, layouts, scalers) -
         candidates['interpolation'] = filled
         fallback_values[name] += int(scored[:, used].sum())
       for m, prediction in candidates.items():
-        sums[m][name].add(truth[scored], prediction[scored])
+        sums[m][name].add(truth, prediction, scored)
         for s, sensor_name in enumerate(_sensor_names(layout)):
-          cols = sensor == s
-          sub = scored[:, cols]
-          sums[m][f'{name}/{sensor_name}'].add(truth[:, cols][sub], prediction[:, cols][sub])
+          sums[m][f'{name}/{sensor_name}'].add(truth, prediction, scored & (sensor == s))
   result = {'model': _group_results(sums['model'], layouts),
             'baselines': {m: _group_results(sums[m], layouts) for m in methods[1:]}}
   if 'interpolation' in methods:

@@ -14,7 +14,8 @@ The uncertainty-aware forms learn one log-variance s per group:
 
 from __future__ import annotations
 
-import jax
+import math
+
 import jax.numpy as jnp
 
 PLAIN_KINDS = ('mse', 'mae', 'huber')
@@ -87,17 +88,27 @@ def reconstruction_loss(config_loss, outputs, targets, weights, group_weights):
 
 
 def parse_group_weights(text: str, target_names) -> dict[str, float]:
-  """Parse 'thm=1,tof=0.5' into a dict, rejecting unknown groups and malformed pairs."""
+  """Parse 'thm=1,tof=0.5' into a dict of finite, non-negative weights, not all zero."""
   weights = {}
   for item in filter(None, (part.strip() for part in text.split(','))):
     name, sep, value = item.partition('=')
-    if not sep or name.strip() not in target_names:
+    name = name.strip()
+    if not sep or name not in target_names:
       raise ValueError(
           f'loss.group_weights: {item!r} is not group=weight with a target group among '
           f'{", ".join(target_names)}; write for example "{target_names[0]}=1.0".')
+    if name in weights:
+      raise ValueError(f'loss.group_weights: group {name!r} is given twice; give it once.')
     try:
-      weights[name.strip()] = float(value)
+      weight = float(value)
     except ValueError as error:
       raise ValueError(f'loss.group_weights: weight {value!r} of group {name!r} is not a '
                        'number; write for example "thm=0.5".') from error
+    if not math.isfinite(weight) or weight < 0:
+      raise ValueError(f'loss.group_weights: weight {value!r} of group {name!r} is invalid; '
+                       'use a finite number of 0 or more.')
+    weights[name] = weight
+  if weights and all(weights.get(n, 1.0) == 0 for n in target_names):
+    raise ValueError('loss.group_weights: every target group has weight 0, so nothing would '
+                     'be trained; give at least one group a positive weight.')
   return weights

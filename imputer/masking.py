@@ -25,7 +25,7 @@ def expand_to_features(layout, hidden_raw: jax.Array) -> jax.Array:
 
 def sample_hidden(rng: jax.Array, layouts, batch_size: int, window: int, ratio,
                   imu_only_prob) -> dict[str, jax.Array]:
-  """Draw (B, W, C_raw) hidden masks for every target group.
+  """Draw (B, W, C_raw) hidden masks for every target group (ratio 1 hides everything).
 
   Each (timestep, sensor) unit is hidden with probability `ratio`; with probability
   `imu_only_prob` a window hides every unit of every target group, the IMU-only case.
@@ -40,7 +40,3 @@ def sample_hidden(rng: jax.Array, layouts, batch_size: int, window: int, ratio,
     hidden[layout.name] = units[..., np.asarray(layout.sensor_of_raw)]
   return hidden
 
-
-def hide_all(layouts, batch_size: int, window: int) -> dict[str, jax.Array]:
-  """Return masks that hide every target value: the IMU-only scenario."""
-  return {l.name: jnp.ones((batch_size, window, l.num_raw), bool) for l in layouts}

@@ -99,7 +99,7 @@ class MaskedImputer(nn.Module):
       parts.extend(model_inputs[key][name].astype(jnp.float32)
                    for name in sorted(model_inputs.get(key, {})))
     x = nn.Dense(self.hidden_dim, name='input_projection')(jnp.concatenate(parts, axis=-1))
-    # Padding becomes exact zeros, so the convolution sees it like the zero padding at the
+    # Padding becomes exact zeros, so the convolution treats it like the zero padding at the
     # window's edges, whatever the padded rows contain.
     x = x * model_inputs['valid'][..., None]
     if self.conv_kernel > 1:

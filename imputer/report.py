@@ -32,7 +32,7 @@ def _rows(scenario: dict):
 
 def to_markdown(report: dict) -> str:
   lines = [
-      '# Evaluation report', '',
+      f"# Evaluation report: {report['evaluated_split']} subjects", '',
       f"Data: {report['source']}", '',
       f"Scored subjects ({report['evaluated_split']}, "
       f"{len(report['split'][report['evaluated_split']])}): "
@@ -41,12 +41,21 @@ def to_markdown(report: dict) -> str:
       f"Sequences scored: {report['sequences']['evaluated']}; skipped without ground truth "
       f"(no observed target value in the file): {report['sequences']['skipped_without_ground_truth']}",
       '', 'All errors are in the channels\' original units, on hidden values that the '
-      'recording observed.',
+      'recording observed. R² is variance-weighted: each channel is centred on its own mean.',
   ]
+  left_out = report.get('left_out_by_source', {})
+  if left_out:
+    lines += ['', 'Left out or treated as missing by the data source (all subjects):']
+    lines += [f'- {count} x {reason}' for reason, count in left_out.items()]
   for name, scenario in report['scenarios'].items():
     lines += ['', f'## {name}', '']
     if 'mask_ratio' in scenario:
       lines += [f"Hidden fraction of (timestep, sensor) units: {scenario['mask_ratio']}", '']
+    fallback = scenario.get('interpolation_fallback_values', {})
+    if any(fallback.values()):
+      lines += ['Scored values where interpolation fell back to the median because the channel '
+                'had no visible value in its sequence: '
+                + ', '.join(f'{g} {n}' for g, n in fallback.items()), '']
     lines += ['| group | method | MAE | RMSE | R² | count |', '|---|---|---|---|---|---|']
     for group, method, entry in _rows(scenario):
       lines.append(f"| {group} | {method} | {_fmt(entry['mae'])} | {_fmt(entry['rmse'])} | "

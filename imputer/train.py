@@ -21,6 +21,7 @@ from imputer import metric_writer
 from imputer import models
 from imputer import recordings
 from imputer import report as report_lib
+from imputer import run_config
 from imputer import scaling
 from imputer import sharding
 from imputer import sources
@@ -45,8 +46,13 @@ class RunData:
 
   @property
   def tag(self) -> str:
-    synthetic = 'synthetic' in self.recording_set.source
-    return 'data: SYNTHETIC' if synthetic else f'data: {self.recording_set.source}'
+    return data_tag(self.recording_set)
+
+
+def data_tag(recording_set) -> str:
+  """Return the suffix of every log line, which makes synthetic data impossible to miss."""
+  synthetic = 'synthetic' in recording_set.source
+  return 'data: SYNTHETIC' if synthetic else f'data: {recording_set.source}'
 
 
 def _with_truth(recording_set, subjects):
@@ -61,22 +67,29 @@ def prepare_data(config) -> RunData:
   logging.info('Loaded %d sequences from %s.', len(recording_set.sequences),
                recording_set.source)
   for reason, count in sorted(recording_set.excluded.items()):
-    logging.warning('Excluded by the data source: %d x %s', count, reason)
+    logging.warning('Left out or treated as missing by the data source: %d x %s', count,
+                    reason)
+  tag = data_tag(recording_set)
   split = folds.split_subjects(recording_set, config.data.num_folds, config.data.fold,
                                config.data.split_seed)
-  logging.info('Subjects: train %s | validation %s | test %s', split.train, split.validation,
-               split.test)
+  logging.info('Subjects: train %s | validation %s | test %s | %s', split.train,
+               split.validation, split.test, tag)
   input_layouts = layout_lib.build_layouts(recording_set.input_groups)
   target_layouts = layout_lib.build_layouts(recording_set.target_groups)
   layouts = input_layouts + target_layouts
 
+  if not any(s.has_target_truth(recording_set.target_names) for s in recording_set.sequences):
+    raise ValueError(
+        f'{recording_set.source}: no sequence has an observed value of any target group '
+        f'({", ".join(recording_set.target_names)}), so there is nothing to learn or score; '
+        'check the target columns, or use data that has them for some sequences.')
   per_split, skipped = {}, {}
   for name, subjects in dataclasses.asdict(split).items():
     per_split[name], skipped[name] = _with_truth(recording_set, subjects)
     if skipped[name]:
       logging.info('%s: %d sequences carry no observed target value (IMU-only in the file); '
-                   'they have nothing to reconstruct or score and are left out.', name,
-                   skipped[name])
+                   'they have nothing to reconstruct or score and are left out | %s', name,
+                   skipped[name], tag)
     if not per_split[name]:
       raise ValueError(
           f'the {name} subjects {subjects} have no sequence with an observed target value; '
@@ -87,8 +100,8 @@ def prepare_data(config) -> RunData:
   made = {n: windows_lib.make_windows(
       engineered[n], layouts, scalers, window,
       config.data.train_stride if n == 'train' else window) for n in engineered}
-  logging.info('Windows of %d timesteps: train %d | validation %d | test %d', window,
-               len(made['train']), len(made['validation']), len(made['test']))
+  logging.info('Windows of %d timesteps: train %d | validation %d | test %d | %s', window,
+               len(made['train']), len(made['validation']), len(made['test']), tag)
   return RunData(recording_set, split, input_layouts, target_layouts, scalers, made['train'],
                  made['validation'], made['test'], per_split, skipped)
 
@@ -96,7 +109,7 @@ def prepare_data(config) -> RunData:
 def batch_rows(step: int, num_windows: int, batch_size: int, seed: int) -> np.ndarray:
   """Return the global window rows of `step`: a fresh seeded permutation every epoch.
 
-  A function of the step alone, so a resumed run sees the same batches. The last partial
+  A function of the step alone, so a resumed run gets the same batches. The last partial
   batch of an epoch is left for the next epoch's permutation; with fewer windows than the
   batch size, windows repeat within a batch.
   """
@@ -113,9 +126,12 @@ def total_steps(config, num_windows: int) -> int:
   return min(steps, config.num_train_steps) if config.num_train_steps > 0 else steps
 
 
-def check_finite(pending: list, first_step: int, last_good: int | None) -> None:
-  """Raise FloatingPointError naming the first step and loss term that is not finite."""
-  for offset, metrics in enumerate(jax.device_get(pending)):
+def check_finite(fetched: list, first_step: int, last_good: int | None) -> None:
+  """Raise FloatingPointError naming the first step and loss term that is not finite.
+
+  `fetched` holds the host copies of the metrics of steps first_step + 1, first_step + 2, ...
+  """
+  for offset, metrics in enumerate(fetched):
     for name, value in sorted(metrics.items()):
       if name.startswith(('loss', 'grad_norm')) and not math.isfinite(float(value)):
         kept = 'none yet' if last_good is None else f'step {last_good}'
@@ -125,8 +141,7 @@ def check_finite(pending: list, first_step: int, last_good: int | None) -> None:
             'the data for extreme values.')
 
 
-def mean_metrics(pending: list) -> dict[str, float]:
-  fetched = jax.device_get(pending)
+def mean_metrics(fetched: list) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
@@ -169,6 +184,7 @@ def evaluate_report(data: RunData, split: str, predict_fns, params, config, mesh
       'checkpoint': checkpoint,
       'sequences': {'evaluated': len(sequences),
                     'skipped_without_ground_truth': data.skipped[split]},
+      'left_out_by_source': dict(sorted(data.recording_set.excluded.items())),
       'scenarios': scenarios,
   }
 
@@ -178,10 +194,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
-  # Data.
+  # Data, and the check that this workdir holds no other run.
+  run_config.validate(config)
   data = prepare_data(config)
+  config_dict = json.loads(config.to_json_best_effort())
+  fingerprint = run_config.data_fingerprint(data.recording_set)
+  run_config.check_resume(workdir, config_dict, fingerprint)
   scalers_json = scaling.scalers_to_json(data.scalers)
   if is_main:
+    run_config.write_run_file(workdir, config_dict, fingerprint)
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2))
     with open(os.path.join(workdir, 'scalers.json'), 'w', encoding='utf-8') as f:
@@ -217,7 +238,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       raise ValueError(
           f'the checkpoint in {workdir} was trained with other scaling statistics, so the data '
           'or its split changed since; use a new --workdir or restore the original data.')
-    logging.info('Resumed from step %d in %s.', int(state.step), workdir)
+    logging.info('Resumed from step %d of %d in %s.', int(state.step), num_steps, workdir)
+    if int(state.step) >= num_steps:
+      logging.info('Training is already complete; only the evaluation runs again.')
   start_step = int(state.step)
   writer = metric_writer.MetricWriter(workdir, enabled=is_main)
   best_loss = checkpoints.best_val_loss()
@@ -236,10 +259,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     is_last = done == num_steps
 
     if done % config.log_every_steps == 0 or is_last:
-      check_finite(pending, pending_start, last_saved)
+      fetched = jax.device_get(pending)
+      check_finite(fetched, pending_start, last_saved)
       elapsed = time.perf_counter() - window_start
       rate = len(pending) / max(elapsed, 1e-9)
-      scalars = {f'train/{k}': v for k, v in mean_metrics(pending).items()}
+      scalars = {f'train/{k}': v for k, v in mean_metrics(fetched).items()}
       scalars['train/steps_per_second'] = rate
       writer.write_scalars(done, scalars)
       logging.info('step %d/%d | loss %.4f | %.2f steps/s | ETA %.0f s | %s', done, num_steps,
@@ -259,7 +283,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         checkpoints.save_best(done, state, scalers_json, best_loss)
 
     if done % config.checkpoint_every_steps == 0 or is_last:
-      check_finite(pending, pending_start, last_saved)
+      check_finite(jax.device_get(pending), pending_start, last_saved)
       checkpoints.save(done, state, scalers_json)
       last_saved = done
     writer.flush()

@@ -1,6 +1,6 @@
 """Engineered sequences cut into fixed-length, scaled windows: the arrays the model trains on.
 
-A window holds three distinct states per value: observed (`observed` True), missing in the
+A window keeps three distinct states per value: observed (`observed` True), missing in the
 recording (`observed` False inside the sequence) and padding (`valid` False: past the end of a
 short sequence or the last window of a long one). Values are zero wherever unobserved, so no
 NaN ever reaches a batch.

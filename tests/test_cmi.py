@@ -419,3 +419,25 @@ def test_corrupt_parquet_raises(tmp_path):
   path.write_bytes(b'not a parquet file at all')
   with pytest.raises(ValueError, match='could not be read as a parquet file'):
     cmi.read_table(str(path))
+
+
+def test_unusable_readings_are_counted():
+  frame = cmi_frame([
+      {'rot_w': 0.0, 'rot_x': 0.0, 'rot_y': 0.0, 'rot_z': 0.0},
+      {'rot_x': NAN},
+      {'tof_1_v0': -1.0, 'tof_2_v5': -1.0},
+      {},
+  ])
+  excluded = load(frame).excluded
+  assert excluded['imu: rows with a zero quaternion, treated as missing orientation'] == 1
+  assert excluded['imu: rows with a partly missing quaternion, treated as missing orientation'] == 1
+  assert excluded['tof: no-return (-1) pixel values, treated as missing'] == 2
+  assert 'tof: no-return (-1) pixel values, treated as missing' not in load(
+      frame, tof_no_return='far').excluded
+
+
+@pytest.mark.parametrize('column', ['acc_z', 'thm_2', 'tof_3_v7'])
+def test_infinite_value_raises(column):
+  frame = cmi_frame([{}, {column: math.inf}])
+  with pytest.raises(ValueError, match=rf"{column}.*infinite value inf at data row 2"):
+    load(frame)

@@ -12,23 +12,31 @@ from imputer import scaling
 
 def test_error_sums_match_numpy():
   rng = np.random.default_rng(0)
-  truth, prediction = rng.normal(size=50), rng.normal(size=50)
-  sums = evaluation.ErrorSums()
-  sums.add(truth[:20], prediction[:20])
-  sums.add(truth[20:], prediction[20:])
+  truth = rng.normal(size=(25, 2)) + np.array([0.0, 100.0])
+  prediction = truth + rng.normal(size=(25, 2))
+  scored = rng.random((25, 2)) < 0.7
+  sums = evaluation.ErrorSums(2)
+  sums.add(truth[:10], prediction[:10], scored[:10])
+  sums.add(truth[10:], prediction[10:], scored[10:])
   result = sums.result()
-  np.testing.assert_allclose(result['mae'], np.abs(prediction - truth).mean())
-  np.testing.assert_allclose(result['rmse'], np.sqrt(((prediction - truth) ** 2).mean()))
-  r2 = 1 - ((prediction - truth) ** 2).sum() / ((truth - truth.mean()) ** 2).sum()
-  np.testing.assert_allclose(result['r2'], r2)
-  assert result['count'] == 50
+  error = (prediction - truth)[scored]
+  np.testing.assert_allclose(result['mae'], np.abs(error).mean())
+  np.testing.assert_allclose(result['rmse'], np.sqrt((error ** 2).mean()))
+  # Each channel is centred on its own mean, so the offset of 100 explains nothing.
+  total = sum(((truth[scored[:, c], c] - truth[scored[:, c], c].mean()) ** 2).sum()
+              for c in range(2))
+  np.testing.assert_allclose(result['r2'], 1 - (error ** 2).sum() / total)
+  assert result['r2'] < 0.5
+  assert result['count'] == scored.sum()
 
 
 def test_error_sums_without_values_or_variance():
-  assert evaluation.ErrorSums().result() == {'mae': None, 'rmse': None, 'r2': None, 'count': 0}
-  sums = evaluation.ErrorSums()
-  sums.add(np.array([2.0, 2.0]), np.array([1.0, 3.0]))
-  assert sums.result()['r2'] is None and sums.result()['mae'] == 1.0
+  empty = evaluation.ErrorSums(1)
+  assert empty.result() == {'mae': None, 'rmse': None, 'r2': None, 'count': 0}
+  sums = evaluation.ErrorSums(1)
+  sums.add(np.array([[2.0], [2.0]]), np.array([[1.0], [3.0]]), np.ones((2, 1), bool))
+  assert sums.result()['r2'] is None
+  assert sums.result()['mae'] == 1.0
 
 
 def test_interpolation_is_linear_with_constant_ends():

@@ -102,6 +102,13 @@ def test_group_weights_parse_and_reject():
     losses.parse_group_weights('gyro=1', ['thm', 'tof'])
   with pytest.raises(ValueError, match='not a number'):
     losses.parse_group_weights('thm=heavy', ['thm', 'tof'])
+  with pytest.raises(ValueError, match='twice'):
+    losses.parse_group_weights('thm=1,thm=2', ['thm', 'tof'])
+  for bad in ('thm=-1', 'thm=nan', 'thm=inf'):
+    with pytest.raises(ValueError, match='finite number of 0 or more'):
+      losses.parse_group_weights(bad, ['thm', 'tof'])
+  with pytest.raises(ValueError, match='nothing would be trained'):
+    losses.parse_group_weights('thm=0,tof=0', ['thm', 'tof'])
 
 
 def test_unknown_loss_kind_is_rejected():

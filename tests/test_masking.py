@@ -50,6 +50,7 @@ def test_hidden_raw_expands_to_dependent_features():
   assert not expanded[0].any()
 
 
-def test_hide_all_covers_every_raw_value():
-  hidden = masking.hide_all([tof_layout()], 2, 4)
-  assert np.asarray(hidden['tof']).all() and hidden['tof'].shape == (2, 4, 320)
+def test_ratio_one_hides_every_raw_value():
+  hidden = masking.sample_hidden(jax.random.PRNGKey(2), [tof_layout()], 2, 4, 1.0, 0.0)
+  assert hidden['tof'].shape == (2, 4, 320)
+  assert np.asarray(hidden['tof']).all()

@@ -131,8 +131,11 @@ def test_resume_with_changed_data_is_rejected(finished_run, tmp_path):
   other = str(tmp_path / 'other')
   shutil.copytree(workdir, other)
   changed = tiny_config(num_train_steps=80, **{'loss.kind': 'mae', 'data.synthetic.seed': 7})
-  with pytest.raises(ValueError, match='scaling statistics'):
+  with pytest.raises(ValueError, match="data.synthetic.seed: 0 in the workdir, 7 now"):
     train.train_and_evaluate(changed, other)
+  with open(os.path.join(workdir, 'config.json')) as f, open(
+      os.path.join(other, 'config.json')) as g:
+    assert f.read() == g.read()  # The rejected launch left the workdir as it was.
 
 
 def test_train_step_compiles_once():

@@ -1,0 +1,101 @@
+"""Checks on a run's resolved config: value ranges, and resuming a workdir with it.
+
+A workdir belongs to one run. `run.json` in it records the resolved config and a fingerprint
+of the loaded data, and a later launch in the same workdir resumes only when both match, so a
+resumed run really continues the run that its checkpoints came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+# Fields that change only logging, evaluation batching or checkpoint cadence, never the
+# trained parameters or the figures, so a resume may change them.
+RESUME_MAY_CHANGE = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+                     'max_checkpoints_to_keep', 'eval_batch_size')
+
+RUN_FILE = 'run.json'
+
+
+def _require(condition: bool, field: str, value, rule: str) -> None:
+  if not condition:
+    raise ValueError(f'{field}={value!r} is invalid: {rule}.')
+
+
+def validate(config) -> None:
+  """Raise ValueError naming the first field whose value is out of range."""
+  _require(config.batch_size >= 1, 'batch_size', config.batch_size, 'use 1 or more')
+  _require(config.eval_batch_size >= 1, 'eval_batch_size', config.eval_batch_size,
+           'use 1 or more')
+  _require(config.num_epochs >= 1, 'num_epochs', config.num_epochs, 'use 1 or more')
+  for name in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+               'max_checkpoints_to_keep'):
+    _require(config[name] >= 1, name, config[name], 'use 1 or more')
+  _require(config.data.window >= 1, 'data.window', config.data.window, 'use 1 or more')
+  _require(1 <= config.data.train_stride <= config.data.window, 'data.train_stride',
+           config.data.train_stride, f'use 1 to data.window ({config.data.window})')
+  _require(0.0 <= config.mask.ratio <= 1.0, 'mask.ratio', config.mask.ratio, 'use 0 to 1')
+  _require(0.0 <= config.mask.imu_only_prob <= 1.0, 'mask.imu_only_prob',
+           config.mask.imu_only_prob, 'use 0 to 1')
+  _require(0.0 < config.mask.eval_ratio <= 1.0, 'mask.eval_ratio', config.mask.eval_ratio,
+           'use a value above 0 and at most 1')
+  _require(config.data.tof_far_value >= 0, 'data.tof_far_value', config.data.tof_far_value,
+           'a distance cannot be negative')
+  m = config.model
+  _require(m.hidden_dim >= 1 and m.hidden_dim % m.num_heads == 0, 'model.num_heads',
+           m.num_heads, f'it must divide model.hidden_dim ({m.hidden_dim})')
+  _require(m.log_var_bound > 0, 'model.log_var_bound', m.log_var_bound, 'use a value above 0')
+  _require(config.optim.learning_rate > 0, 'optim.learning_rate', config.optim.learning_rate,
+           'use a value above 0')
+
+
+def data_fingerprint(recording_set) -> str:
+  """Return a SHA-256 over every sequence's ids, raw values and observed masks."""
+  digest = hashlib.sha256(recording_set.source.encode())
+  for seq in recording_set.sequences:
+    digest.update(f'{seq.sequence_id}\0{seq.subject}\0{seq.label}\0'.encode())
+    for name in sorted(seq.raw):
+      digest.update(np.ascontiguousarray(seq.raw[name]).tobytes())
+      digest.update(np.ascontiguousarray(seq.observed[name]).tobytes())
+  return digest.hexdigest()
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def check_resume(workdir: str, config_dict: dict, fingerprint: str) -> None:
+  """Raise ValueError when `workdir` holds a run with another config or other data."""
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    saved = json.load(f)
+  before, now = _flatten(saved['config']), _flatten(config_dict)
+  changed = sorted(k for k in set(before) | set(now)
+                   if before.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+  if changed:
+    details = '; '.join(f'{k}: {before.get(k)!r} in the workdir, {now.get(k)!r} now'
+                        for k in changed)
+    raise ValueError(
+        f'{workdir} contains a run with another config ({details}). Resuming would mix two '
+        'runs; use a new --workdir, or set those fields back to resume.')
+  if saved['data_fingerprint'] != fingerprint:
+    raise ValueError(
+        f'{workdir} contains a run trained on other data: the loaded recordings differ from '
+        'the ones it started with. Use a new --workdir, or restore the original data.')
+
+
+def write_run_file(workdir: str, config_dict: dict, fingerprint: str) -> None:
+  with open(os.path.join(workdir, RUN_FILE), 'w', encoding='utf-8') as f:
+    json.dump({'config': config_dict, 'data_fingerprint': fingerprint}, f, indent=2)

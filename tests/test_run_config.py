@@ -1,0 +1,70 @@
+"""Config range checks and the resume guard of a workdir."""
+
+import json
+
+import pytest
+
+from configs import phase1
+from imputer import run_config
+from imputer import synthetic
+
+
+def config_dict(**changes):
+  config = phase1.get_config()
+  for key, value in changes.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return json.loads(config.to_json_best_effort())
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('batch_size', 0, 'batch_size=0 is invalid'),
+    ('num_epochs', 0, 'num_epochs=0 is invalid'),
+    ('data.window', 0, 'data.window=0 is invalid'),
+    ('data.train_stride', 100, 'data.train_stride=100 is invalid: use 1 to data.window'),
+    ('mask.ratio', 1.5, 'mask.ratio=1.5 is invalid'),
+    ('mask.eval_ratio', 0.0, 'mask.eval_ratio=0.0 is invalid'),
+    ('data.tof_far_value', -7.0, 'data.tof_far_value=-7.0 is invalid'),
+    ('model.num_heads', 3, 'model.num_heads=3 is invalid: it must divide model.hidden_dim'),
+])
+def test_out_of_range_fields_are_rejected(field, value, message):
+  config = phase1.get_config()
+  *parents, leaf = field.split('.')
+  target = config
+  for parent in parents:
+    target = target[parent]
+  target[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    run_config.validate(config)
+
+
+def test_default_configs_are_valid():
+  run_config.validate(phase1.get_config())
+
+
+def test_resume_guard(tmp_path):
+  workdir = str(tmp_path)
+  run_config.check_resume(workdir, config_dict(), 'abc')  # Nothing saved yet.
+  run_config.write_run_file(workdir, config_dict(), 'abc')
+  run_config.check_resume(workdir, config_dict(), 'abc')
+  run_config.check_resume(workdir, config_dict(log_every_steps=7, eval_batch_size=4), 'abc')
+  with pytest.raises(ValueError, match="model.hidden_dim: 64 in the workdir, 32 now"):
+    run_config.check_resume(workdir, config_dict(**{'model.hidden_dim': 32}), 'abc')
+  with pytest.raises(ValueError, match='num_train_steps'):
+    run_config.check_resume(workdir, config_dict(num_train_steps=10), 'abc')
+  with pytest.raises(ValueError, match='trained on other data'):
+    run_config.check_resume(workdir, config_dict(), 'abd')
+
+
+def test_fingerprint_follows_values_and_masks():
+  first = synthetic.load_synthetic(num_subjects=3, sequences_per_subject=2, seed=0)
+  same = synthetic.load_synthetic(num_subjects=3, sequences_per_subject=2, seed=0)
+  assert run_config.data_fingerprint(first) == run_config.data_fingerprint(same)
+  same.sequences[1].raw['thm'][0, 0] += 1.0
+  assert run_config.data_fingerprint(first) != run_config.data_fingerprint(same)
+  other = synthetic.load_synthetic(num_subjects=3, sequences_per_subject=2, seed=0)
+  other.sequences[0].observed['tof'][0, 0] ^= True
+  assert run_config.data_fingerprint(first) != run_config.data_fingerprint(other)
