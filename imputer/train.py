@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -189,6 +190,41 @@ def evaluate_report(data: RunData, split: str, predict_fns, params, config, mesh
   }
 
 
+@dataclasses.dataclass
+class CompiledSteps:
+  """The initial state and the jitted steps of a run, with the run's length in steps."""
+
+  state: training.TrainState
+  train_step: Any
+  predict_fns: dict
+  num_steps: int
+
+
+def build_steps(config, data: RunData, mesh) -> CompiledSteps:
+  """Build the model, optimizer and initial state, and jit the steps over `mesh`.
+
+  The state is replicated and batches are split along the `data` axis; the train step
+  donates its input state.
+  """
+  sharding.check_batch_size(config.batch_size, mesh)
+  num_steps = total_steps(config, len(data.train))
+  model = models.build_model(config, data.target_layouts)
+  schedule = training.make_schedule(config.optim, num_steps)
+  tx = training.make_optimizer(config.optim, schedule)
+  steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config)
+  replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  example = jax.tree.map(lambda x: x[:1], data.train.take(np.arange(1)))
+  init = functools.partial(training.create_train_state, model=model, tx=tx,
+                           input_layouts=data.input_layouts, target_layouts=data.target_layouts,
+                           prior=config.model.interpolation_prior)
+  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed), example)
+  train_step = jax.jit(steps.train_step, in_shardings=(replicated, batched),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+  predict_fns = {name: jax.jit(fn, in_shardings=(replicated, batched, None))
+                 for name, fn in evaluation.make_predict_fns(steps, config).items()}
+  return CompiledSteps(state, train_step, predict_fns, num_steps)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Train on the configured data, checkpointing into `workdir`, and write the report."""
   os.makedirs(workdir, exist_ok=True)
@@ -210,23 +246,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # Model, optimizer and compiled steps.
   mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  num_steps = total_steps(config, len(data.train))
-  model = models.build_model(config, data.target_layouts)
-  schedule = training.make_schedule(config.optim, num_steps)
-  tx = training.make_optimizer(config.optim, schedule)
-  steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config)
-  replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  example = jax.tree.map(lambda x: x[:1], data.train.take(np.arange(1)))
-  init = functools.partial(training.create_train_state, model=model, tx=tx,
-                           input_layouts=data.input_layouts, target_layouts=data.target_layouts,
-                           prior=config.model.interpolation_prior)
-  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed), example)
-  train_step = jax.jit(steps.train_step, in_shardings=(replicated, batched),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
-  predict_fns = {name: jax.jit(fn, in_shardings=(replicated, batched, None))
-                 for name, fn in evaluation.make_predict_fns(steps, config).items()}
+  compiled = build_steps(config, data, mesh)
+  state, train_step, predict_fns = compiled.state, compiled.train_step, compiled.predict_fns
+  num_steps = compiled.num_steps
 
   # Restore.
   checkpoints = checkpointing.Checkpoints(workdir, config.max_checkpoints_to_keep)
