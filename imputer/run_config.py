@@ -75,7 +75,7 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 
 
 def check_resume(workdir: str, config_dict: dict, fingerprint: str) -> None:
-  """Raise ValueError when `workdir` holds a run with another config or other data."""
+  """Raise ValueError when `workdir` contains a run with another config or other data."""
   path = os.path.join(workdir, RUN_FILE)
   if not os.path.exists(path):
     return
