@@ -162,15 +162,39 @@ def from_cmi_frame(
 
   sequences = []
   ends = list(starts[1:]) + [len(order)]
+  sorted_counters = counters[order]
   for start, end in zip(starts, ends):
     first_row = order[start]
-    sequences.append(Sequence(
+    sequence = Sequence(
         sequence_id=sequence_ids[first_row],
         subject=subjects[first_row],
         raw={name: group_values[start:end] for name, group_values in raw.items()},
         observed={name: mask[start:end] for name, mask in observed.items()},
-        label=None if labels is None else labels[first_row]))
+        label=None if labels is None else labels[first_row])
+    inserted = _fill_counter_gaps(sequence, sorted_counters[start:end])
+    if inserted:
+      excluded['rows missing from a sequence_counter gap, inserted as missing values'] += inserted
+    sequences.append(sequence)
   return RecordingSet(source, input_groups, target_groups, sequences, excluded)
+
+
+def _fill_counter_gaps(sequence: Sequence, counters: np.ndarray) -> int:
+  """Insert unobserved rows where `counters` skips values; return how many were inserted.
+
+  A skipped counter is a timestep that the file lacks. Keeping it as a missing row stops
+  rates and differences from being computed across the gap as if the rows were adjacent.
+  """
+  positions = (counters - counters[0]).astype(np.int64)
+  length = int(positions[-1]) + 1
+  if length == len(counters):
+    return 0
+  for name in list(sequence.raw):
+    raw = np.full((length,) + sequence.raw[name].shape[1:], np.nan)
+    observed = np.zeros(raw.shape, bool)
+    raw[positions] = sequence.raw[name]
+    observed[positions] = sequence.observed[name]
+    sequence.raw[name], sequence.observed[name] = raw, observed
+  return length - len(counters)
 
 
 def _count_unusable(values: dict[str, np.ndarray], tof_no_return: str) -> collections.Counter:
@@ -309,6 +333,13 @@ def _counter_column(frame: pl.DataFrame, source: str) -> np.ndarray:
     raise ValueError(
         f'{source}: column \'sequence_counter\' is missing or not finite at data row {row + 1}; '
         f'every row needs its position in the sequence, so fill it in or remove the row.')
+  fractional = counters != np.round(counters)
+  if fractional.any():
+    row = int(np.flatnonzero(fractional)[0])
+    raise ValueError(
+        f'{source}: column \'sequence_counter\' contains the non-integer value '
+        f'{counters[row]:g} at data row {row + 1}; counters number the timesteps 0, 1, 2, ..., '
+        'so write whole numbers.')
   return counters
 
 

@@ -149,12 +149,12 @@ def test_rows_sorted_by_counter():
   frame = cmi_frame([
       {'sequence_counter': 2, 'acc_x': 2.0},
       {'sequence_counter': 0, 'acc_x': 0.0},
-      {'sequence_counter': 10, 'acc_x': 10.0},
+      {'sequence_counter': 3, 'acc_x': 3.0},
       {'sequence_counter': 1, 'acc_x': 1.0},
   ])
   sequence = load(frame).sequences[0]
 
-  np.testing.assert_array_equal(sequence.raw['imu'][:, 0], [0.0, 1.0, 2.0, 10.0])
+  np.testing.assert_array_equal(sequence.raw['imu'][:, 0], [0.0, 1.0, 2.0, 3.0])
   assert sequence.length == 4
 
 
@@ -440,4 +440,27 @@ def test_unusable_readings_are_counted():
 def test_infinite_value_raises(column):
   frame = cmi_frame([{}, {column: math.inf}])
   with pytest.raises(ValueError, match=rf"{column}.*infinite value inf at data row 2"):
+    load(frame)
+
+
+def test_counter_gap_becomes_missing_rows():
+  frame = cmi_frame([{'sequence_counter': 0, 'thm_1': 30.0},
+                     {'sequence_counter': 1, 'thm_1': 31.0},
+                     {'sequence_counter': 4, 'thm_1': 34.0}])
+  recording_set = load(frame)
+  sequence = recording_set.sequences[0]
+  assert sequence.length == 5
+  np.testing.assert_array_equal(sequence.observed['thm'][:, 0], [True, True, False, False, True])
+  np.testing.assert_array_equal(sequence.observed['imu'].all(axis=1),
+                                [True, True, False, False, True])
+  assert sequence.raw['thm'][4, 0] == 34.0
+  assert np.isnan(sequence.raw['thm'][2:4]).all()
+  key = 'rows missing from a sequence_counter gap, inserted as missing values'
+  assert recording_set.excluded[key] == 2
+
+
+def test_fractional_counter_raises():
+  frame = cmi_frame([{}, {}]).with_columns(
+      pl.Series('sequence_counter', [0.0, 1.5], dtype=pl.Float64))
+  with pytest.raises(ValueError, match=r"non-integer value 1.5 at data row 2"):
     load(frame)
