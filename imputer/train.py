@@ -111,7 +111,7 @@ def batch_rows(step: int, num_windows: int, batch_size: int, seed: int) -> np.nd
   """Return the global window rows of `step`: a fresh seeded permutation every epoch.
 
   A function of the step alone, so a resumed run gets the same batches. The last partial
-  batch of an epoch is left for the next epoch's permutation; with fewer windows than the
+  batch of an epoch is left for the next epoch's permutation. With fewer windows than the
   batch size, windows repeat within a batch.
   """
   steps_per_epoch = max(num_windows // batch_size, 1)
@@ -130,7 +130,7 @@ def total_steps(config, num_windows: int) -> int:
 def check_finite(fetched: list, first_step: int, last_good: int | None) -> None:
   """Raise FloatingPointError naming the first step and loss term that is not finite.
 
-  `fetched` holds the host copies of the metrics of steps first_step + 1, first_step + 2, ...
+  `fetched` contains the host copies of the metrics of steps first_step + 1, first_step + 2, ...
   """
   for offset, metrics in enumerate(fetched):
     for name, value in sorted(metrics.items()):
@@ -192,7 +192,7 @@ def evaluate_report(data: RunData, split: str, predict_fns, params, config, mesh
 
 @dataclasses.dataclass
 class CompiledSteps:
-  """The initial state and the jitted steps of a run, with the run's length in steps."""
+  """Initial state and jitted steps of a run, with the run's length in steps."""
 
   state: training.TrainState
   train_step: Any
@@ -230,7 +230,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
-  # Data, and the check that this workdir holds no other run.
+  # Data, and the check that this workdir contains no other run.
   run_config.validate(config)
   data = prepare_data(config)
   config_dict = json.loads(config.to_json_best_effort())

@@ -104,7 +104,8 @@ def test_unobserved_quaternion_hides_rotation_features():
   named_obs = dict(zip(fs.names, feature_observed.T))
   assert named_obs['acc_mag'][1]
   assert not named_obs['linear_acc_x'][1]
-  assert not named_obs['angular_distance'][1] and not named_obs['angular_distance'][2]
+  assert not named_obs['angular_distance'][1]
+  assert not named_obs['angular_distance'][2]
   assert np.isfinite(values[feature_observed]).all()
 
 
@@ -128,4 +129,5 @@ def test_accel_features_match_hand_computation():
                       'z_change')
   np.testing.assert_allclose(values[:, 3], [5.0, 2.0])
   np.testing.assert_allclose(values[1, 4:], [-3.0, -3.0, -4.0, 2.0])
-  assert not observed[0, 4:].any() and observed[0, :4].all()
+  assert not observed[0, 4:].any()
+  assert observed[0, :4].all()

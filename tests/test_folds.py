@@ -14,9 +14,12 @@ def test_splits_share_no_subject_in_any_fold():
   for fold in range(5):
     split = folds.split_subjects(recording_set, 5, fold, seed=3)
     parts = [set(split.train), set(split.validation), set(split.test)]
-    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert not parts[0] & parts[1]
+    assert not parts[0] & parts[2]
+    assert not parts[1] & parts[2]
     assert set.union(*parts) == set(recording_set.subjects)
-    assert len(split.test) == 2 and len(split.validation) == 2
+    assert len(split.test) == 2
+    assert len(split.validation) == 2
 
 
 def test_test_folds_partition_subjects():
@@ -36,7 +39,8 @@ def test_labels_are_stratified_across_folds():
   for seq in recording_set.sequences:
     per_fold[assignment[seq.subject]][seq.label] += 1
   for counts in per_fold.values():
-    assert counts['a'] == 4 and counts['b'] == 4
+    assert counts['a'] == 4
+    assert counts['b'] == 4
 
 
 def test_too_few_subjects_is_an_error():

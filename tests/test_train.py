@@ -82,7 +82,8 @@ def test_run_writes_every_output(finished_run):
 
 def test_report_median_baseline_matches_numpy(finished_run):
   config, workdir, report = finished_run
-  assert report['synthetic'] is True and 'synthetic' in report['source']
+  assert report['synthetic'] is True
+  assert 'synthetic' in report['source']
   recording_set = sources.load_recordings(config.data)
   test_sequences = recording_set.select_subjects(report['split']['test'])
   with_truth = [s for s in test_sequences if s.has_target_truth(('thm', 'tof'))]
@@ -159,7 +160,7 @@ def test_train_step_compiles_once():
   assert abs(float(log_var)) <= config.model.log_var_bound
 
 
-def test_batch_rows_cover_an_epoch_and_repeat_per_step():
+def test_batch_rows_cover_epoch():
   rows = [train.batch_rows(s, 20, 4, seed=1) for s in range(5)]
   assert sorted(np.concatenate(rows).tolist()) == list(range(20))
   np.testing.assert_array_equal(train.batch_rows(7, 20, 4, 1), train.batch_rows(7, 20, 4, 1))
