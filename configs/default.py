@@ -73,12 +73,35 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.interpolation_prior = True
   config.model.log_var_bound = 6.0  # Learned log-variances s are kept in [-bound, bound].
 
+  # Training mask ratio: the fraction of (timestep, sensor) units of every target group that
+  # is hidden. It ramps linearly from mask_start to mask_end over the first mask_epochs epochs
+  # and then holds at mask_end; with mask_epochs = 0 it is mask_end from the first step.
+  config.mask_start = 0.5
+  config.mask_end = 0.5
+  config.mask_epochs = 0
+
   config.mask = ml_collections.ConfigDict()
-  # Fraction of observed (timestep, sensor) units of every target group hidden in training.
-  config.mask.ratio = 0.5
-  # Probability that a training window hides every target group, the IMU-only case.
+  # Mixture of mask kinds: each training window draws one kind with probability proportional
+  # to its weight. 'element' hides each (timestep, sensor) unit on its own; 'sensor' hides a
+  # sensor for the whole window (one ToF sensor's 64 pixels, one thermopile); 'span' hides
+  # runs of span_length timesteps per sensor. Element masks alone are the default.
+  config.mask.element_weight = 1.0
+  config.mask.sensor_weight = 0.0
+  config.mask.span_weight = 0.0
+  config.mask.span_length = 8  # Timesteps per hidden run of the 'span' kind.
+  # Probability that a training window hides every target group, the IMU-only case (a whole-
+  # group drop, as in real recordings), on top of the kind drawn above.
   config.mask.imu_only_prob = 0.25
   config.mask.eval_ratio = 0.5  # Hidden fraction in the `random_mask` evaluation scenario.
+
+  # Weight of the two-view consistency loss; 0 turns the second view off entirely.
+  config.lambda_cons = 0.0
+  config.consistency = ml_collections.ConfigDict()
+  # Positions of the consistency MSE: 'both_visible' (observed and unmasked in both views'
+  # inputs), 'both_hidden' (hidden in both views) or 'all' (every observed position).
+  config.consistency.positions = 'both_visible'
+  # Stop the gradient through the second view, making it a fixed target for the first.
+  config.consistency.stop_gradient = False
 
   config.loss = ml_collections.ConfigDict()
   # One of mse, mae, huber, conf_mse (Gaussian), conf_mae (Laplace), conf_huber (heuristic).

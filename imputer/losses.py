@@ -87,6 +87,37 @@ def reconstruction_loss(config_loss, outputs, targets, weights, group_weights):
   return total, terms
 
 
+CONSISTENCY_POSITIONS = ('both_visible', 'both_hidden', 'all')
+
+
+def consistency_positions(kind: str, observed, hidden_a, hidden_b):
+  """Select the positions of the consistency loss; all three masks are (B, W, F) bool.
+
+  'both_visible': observed and unmasked in both views' inputs; 'both_hidden': observed and
+  hidden in both views; 'all': every observed position. `observed` must exclude padding.
+  """
+  if kind == 'both_visible':
+    return observed & ~hidden_a & ~hidden_b
+  if kind == 'both_hidden':
+    return observed & hidden_a & hidden_b
+  if kind == 'all':
+    return observed
+  raise ValueError(f'consistency.positions={kind!r} is unknown; use one of '
+                   f'{", ".join(CONSISTENCY_POSITIONS)}.')
+
+
+def consistency_loss(recon_a, recon_b, positions):
+  """Return (MSE between two reconstructions over `positions`, summed over groups; count)."""
+  total = jnp.zeros((), jnp.float32)
+  count = jnp.zeros((), jnp.float32)
+  for name, weight in positions.items():
+    diff = recon_a[name].astype(jnp.float32) - recon_b[name].astype(jnp.float32)
+    loss, group_count = masked_mean(diff * diff, weight)
+    total = total + loss
+    count = count + group_count
+  return total, count
+
+
 def parse_group_weights(text: str, target_names) -> dict[str, float]:
   """Parse 'thm=1,tof=0.5' into a dict of finite, non-negative weights, not all zero."""
   weights = {}

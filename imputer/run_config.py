@@ -38,13 +38,24 @@ def validate(config) -> None:
   _require(config.data.window >= 1, 'data.window', config.data.window, 'use 1 or more')
   _require(1 <= config.data.train_stride <= config.data.window, 'data.train_stride',
            config.data.train_stride, f'use 1 to data.window ({config.data.window})')
-  _require(0.0 <= config.mask.ratio <= 1.0, 'mask.ratio', config.mask.ratio, 'use 0 to 1')
+  _require(0.0 <= config.mask_start <= 1.0, 'mask_start', config.mask_start, 'use 0 to 1')
+  _require(0.0 <= config.mask_end <= 1.0, 'mask_end', config.mask_end, 'use 0 to 1')
+  _require(config.mask_epochs >= 0, 'mask_epochs', config.mask_epochs, 'use 0 or more')
   _require(0.0 <= config.mask.imu_only_prob <= 1.0, 'mask.imu_only_prob',
            config.mask.imu_only_prob, 'use 0 to 1')
+  weights = (config.mask.element_weight, config.mask.sensor_weight, config.mask.span_weight)
+  _require(min(weights) >= 0 and sum(weights) > 0, 'mask.element_weight/sensor_weight/'
+           'span_weight', weights, 'use weights of 0 or more with a positive sum')
+  _require(config.mask.span_length >= 1, 'mask.span_length', config.mask.span_length,
+           'use 1 or more')
   _require(0.0 < config.mask.eval_ratio <= 1.0, 'mask.eval_ratio', config.mask.eval_ratio,
            'use a value above 0 and at most 1')
   _require(config.data.tof_far_value >= 0, 'data.tof_far_value', config.data.tof_far_value,
            'a distance cannot be negative')
+  _require(config.lambda_cons >= 0, 'lambda_cons', config.lambda_cons, 'use 0 or more')
+  _require(config.consistency.positions in ('both_visible', 'both_hidden', 'all'),
+           'consistency.positions', config.consistency.positions,
+           "use 'both_visible', 'both_hidden' or 'all'")
   m = config.model
   _require(m.hidden_dim >= 1 and m.hidden_dim % m.num_heads == 0, 'model.num_heads',
            m.num_heads, f'it must divide model.hidden_dim ({m.hidden_dim})')

@@ -211,7 +211,8 @@ def build_steps(config, data: RunData, mesh) -> CompiledSteps:
   model = models.build_model(config, data.target_layouts)
   schedule = training.make_schedule(config.optim, num_steps)
   tx = training.make_optimizer(config.optim, schedule)
-  steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config)
+  steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config,
+                         steps_per_epoch=max(len(data.train) // config.batch_size, 1))
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   example = jax.tree.map(lambda x: x[:1], data.train.take(np.arange(1)))
   init = functools.partial(training.create_train_state, model=model, tx=tx,

@@ -87,13 +87,15 @@ class Steps:
   arrays; the caller compiles them with `jax.jit` and the shardings of its mesh.
   """
 
-  def __init__(self, model, tx, schedule, input_layouts, target_layouts, config):
+  def __init__(self, model, tx, schedule, input_layouts, target_layouts, config,
+               steps_per_epoch: int = 1):
     self.model = model
     self.tx = tx
     self.schedule = schedule
     self.input_layouts = tuple(input_layouts)
     self.target_layouts = tuple(target_layouts)
     self.config = config
+    self.mask_ramp_steps = config.mask_epochs * steps_per_epoch
     self.group_weights = losses.parse_group_weights(
         config.loss.group_weights, [l.name for l in target_layouts])
 
@@ -108,20 +110,65 @@ class Steps:
         self.config.loss, outputs, targets, weights, self.group_weights)
     return total, (terms, outputs)
 
+  def two_view_loss(self, params, batch, hidden_views, dropout_rngs, train=True):
+    """Return L_recon averaged over two masked views plus lambda_cons * L_cons.
+
+    L_cons is the MSE between the two views' reconstructions on the positions that
+    `consistency.positions` selects; with `consistency.stop_gradient` the second view is a
+    fixed target, so only the first view is pulled towards it.
+    """
+    views = [self.loss_and_outputs(params, batch, hidden, rng, train)
+             for hidden, rng in zip(hidden_views, dropout_rngs)]
+    (loss_a, (terms_a, out_a)), (loss_b, (terms_b, out_b)) = views
+    recon_b = out_b['recon']
+    if self.config.consistency.stop_gradient:
+      recon_b = jax.lax.stop_gradient(recon_b)
+    positions = {}
+    for layout in self.target_layouts:
+      observed = batch['observed'][layout.name] & batch['valid'][..., None]
+      positions[layout.name] = losses.consistency_positions(
+          self.config.consistency.positions, observed,
+          masking.expand_to_features(layout, hidden_views[0][layout.name]),
+          masking.expand_to_features(layout, hidden_views[1][layout.name]))
+    loss_cons, count_cons = losses.consistency_loss(out_a['recon'], recon_b, positions)
+    terms = jax.tree.map(lambda a, b: 0.5 * (a + b), terms_a, terms_b)
+    terms.update(loss_cons=loss_cons, count_cons=count_cons)
+    total = 0.5 * (loss_a + loss_b) + self.config.lambda_cons * loss_cons
+    return total, (terms, out_a)
+
+  def draw_hidden(self, rng, step, batch):
+    batch_size, window = batch['valid'].shape
+    ratio = masking.scheduled_ratio(step, self.config.mask_start, self.config.mask_end,
+                                    self.mask_ramp_steps)
+    m = self.config.mask
+    hidden = masking.sample_hidden(
+        rng, self.target_layouts, batch_size, window, ratio, m.imu_only_prob,
+        (m.element_weight, m.sensor_weight, m.span_weight), m.span_length)
+    return hidden, ratio
+
   def train_step(self, state: TrainState, batch):
     mask_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
-    batch_size, window = batch['valid'].shape
-    hidden = masking.sample_hidden(
-        mask_rng, self.target_layouts, batch_size, window, self.config.mask.ratio,
-        self.config.mask.imu_only_prob)
-    grad_fn = jax.value_and_grad(self.loss_and_outputs, has_aux=True)
-    (loss, (terms, _)), grads = grad_fn(state.params, batch, hidden, dropout_rng, True)
+    if self.config.lambda_cons > 0:
+      # Two views: independent masks and dropout, drawn from the step's keys.
+      mask_rngs = jax.random.split(mask_rng)
+      hidden_views, ratio = zip(*(self.draw_hidden(k, state.step, batch) for k in mask_rngs))
+      hidden, ratio = hidden_views[0], ratio[0]
+      grad_fn = jax.value_and_grad(self.two_view_loss, has_aux=True)
+      (loss, (terms, _)), grads = grad_fn(state.params, batch, hidden_views,
+                                          jax.random.split(dropout_rng))
+    else:
+      hidden, ratio = self.draw_hidden(mask_rng, state.step, batch)
+      grad_fn = jax.value_and_grad(self.loss_and_outputs, has_aux=True)
+      (loss, (terms, _)), grads = grad_fn(state.params, batch, hidden, dropout_rng, True)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         'loss': loss, **terms, 'grad_norm': optax.tree.norm(grads),
         'learning_rate': self.schedule(state.step),
-        'mask_ratio': jnp.asarray(self.config.mask.ratio, jnp.float32),
+        'mask_ratio': ratio,
+        'mask_ratio_applied': masking.applied_ratio(
+            hidden, {l.name: batch['observed'][l.name][..., :l.num_raw]
+                     for l in self.target_layouts}),
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics

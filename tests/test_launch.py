@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import polars as pl
+import pytest
 
 from imputer import synthetic
 
@@ -35,7 +36,8 @@ def read_report(workdir):
     return json.load(f)
 
 
-def test_cmi_csv_imu_only_and_no_return(tmp_path):
+@pytest.mark.parametrize('config', ['configs/phase1.py', 'configs/phase3.py'])
+def test_cmi_csv_imu_only_and_no_return(tmp_path, config):
   frame = synthetic.generate_cmi_frame(num_subjects=4, sequences_per_subject=4, min_length=20,
                                        max_length=30, imu_only_fraction=0.25, seed=3)
   tof = frame.select(pl.col('^tof_.*$')).to_numpy()
@@ -45,7 +47,7 @@ def test_cmi_csv_imu_only_and_no_return(tmp_path):
   path = tmp_path / 'train.csv'
   frame.write_csv(path)
   workdir = tmp_path / 'run'
-  result = launch(workdir, 'configs/phase1.py', f'--config.data.path={path}',
+  result = launch(workdir, config, f'--config.data.path={path}',
                   '--config.num_train_steps=4')
   assert result.returncode == 0, result.stderr[-3000:]
   report = read_report(workdir)

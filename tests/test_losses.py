@@ -114,3 +114,28 @@ def test_group_weights_parse_and_reject():
 def test_unknown_loss_kind_is_rejected():
   with pytest.raises(ValueError, match='loss.kind'):
     losses.elementwise_error('l3', PRED, TARGET)
+
+
+def test_consistency_positions_on_hand_built_masks():
+  observed = np.array([[True, True, True, True, False]])
+  hidden_a = np.array([[False, True, False, True, False]])
+  hidden_b = np.array([[False, False, True, True, True]])
+  expected = {'both_visible': [[True, False, False, False, False]],
+              'both_hidden': [[False, False, False, True, False]],
+              'all': [[True, True, True, True, False]]}
+  for kind, mask in expected.items():
+    got = np.asarray(losses.consistency_positions(kind, observed, hidden_a, hidden_b))
+    np.testing.assert_array_equal(got, mask)
+  with pytest.raises(ValueError, match='consistency.positions'):
+    losses.consistency_positions('some', observed, hidden_a, hidden_b)
+
+
+def test_consistency_loss_matches_numpy():
+  recon_b = PRED + np.float32(0.5) * TARGET
+  value, count = losses.consistency_loss({'g': PRED}, {'g': recon_b}, {'g': WEIGHT})
+  np.testing.assert_allclose(float(value), ((0.5 * TARGET) ** 2)[WEIGHT].mean(), rtol=1e-6)
+  assert float(count) == WEIGHT.sum()
+  empty, none = losses.consistency_loss({'g': PRED}, {'g': recon_b},
+                                        {'g': np.zeros_like(WEIGHT)})
+  assert float(empty) == 0.0
+  assert float(none) == 0.0

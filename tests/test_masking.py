@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from imputer import features
 from imputer import layout as layout_lib
@@ -54,3 +55,56 @@ def test_ratio_one_hides_every_raw_value():
   hidden = masking.sample_hidden(jax.random.PRNGKey(2), [tof_layout()], 2, 4, 1.0, 0.0)
   assert hidden['tof'].shape == (2, 4, 320)
   assert np.asarray(hidden['tof']).all()
+
+
+def test_scheduled_ratio_ramps_then_holds():
+  values = [float(masking.scheduled_ratio(step, 0.3, 0.75, 100)) for step in (0, 50, 100, 250)]
+  np.testing.assert_allclose(values, [0.3, 0.525, 0.75, 0.75], rtol=1e-6)
+
+
+def test_scheduled_ratio_without_ramp_is_constant():
+  values = [float(masking.scheduled_ratio(step, 0.3, 0.6, 0)) for step in (0, 10)]
+  np.testing.assert_allclose(values, [0.6, 0.6], rtol=1e-6)
+
+
+def test_applied_ratio_counts_observed_values_only():
+  hidden = {'a': np.array([[True, True], [False, True]])}
+  observed = {'a': np.array([[True, False], [True, True]])}
+  # Observed: 3 values; hidden among them: (0, 0) and (1, 1).
+  np.testing.assert_allclose(float(masking.applied_ratio(hidden, observed)), 2 / 3, rtol=1e-6)
+
+
+@pytest.mark.parametrize('kind', range(3))
+@pytest.mark.parametrize('ratio', [0.3, 0.75])
+def test_each_mask_kind_hides_about_ratio(kind, ratio):
+  weights = [0.0, 0.0, 0.0]
+  weights[kind] = 1.0
+  layout = layout_lib.build_layouts([helpers.thm_spec()])[0]
+  hidden = masking.sample_hidden(jax.random.PRNGKey(kind), [layout], 512, 64, ratio, 0.0,
+                                 kind_weights=weights, span_length=4)
+  hidden = np.asarray(hidden['thm'])
+  # Spans starting before the window are not drawn, so the first steps are hidden less often.
+  interior = hidden[:, 8:] if kind == 2 else hidden
+  assert abs(interior.mean() - ratio) < 0.03
+
+
+def test_sensor_kind_hides_whole_sensors():
+  layout = layout_lib.build_layouts([helpers.thm_spec()])[0]
+  hidden = np.asarray(masking.sample_hidden(
+      jax.random.PRNGKey(3), [layout], 64, 16, 0.5, 0.0, kind_weights=(0, 1, 0))['thm'])
+  assert (hidden.all(axis=1) == hidden.any(axis=1)).all()
+
+
+def test_span_kind_hides_contiguous_runs():
+  layout = layout_lib.build_layouts([helpers.thm_spec()])[0]
+  hidden = np.asarray(masking.sample_hidden(
+      jax.random.PRNGKey(4), [layout], 64, 32, 0.3, 0.0, kind_weights=(0, 0, 1),
+      span_length=4)['thm'])
+  # Every interior run of hidden timesteps is at least span_length long.
+  for b in range(64):
+    for c in range(5):
+      runs = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], hidden[b, :, c], [0]]))))[::2]
+      starts = np.flatnonzero(np.diff(np.concatenate([[0], hidden[b, :, c].astype(int)])) == 1)
+      for start, length in zip(starts, runs):
+        if start > 0 and start + length < 32:
+          assert length >= 4

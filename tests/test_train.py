@@ -55,7 +55,9 @@ def read_metrics(workdir):
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run'))
-  config = tiny_config(num_train_steps=80, **{'loss.kind': 'mae', 'optim.learning_rate': 3e-3})
+  # The mask ratio ramps over the first 10 epochs, so the resume test restarts mid-ramp.
+  config = tiny_config(num_train_steps=80, mask_start=0.4, mask_end=0.6, mask_epochs=10,
+                       **{'loss.kind': 'mae', 'optim.learning_rate': 3e-3})
   report = train.train_and_evaluate(config, workdir)
   return config, workdir, report
 
@@ -67,6 +69,17 @@ def test_training_loss_falls(finished_run):
   assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_mask_ratio_ramps_then_holds(finished_run):
+  _, workdir, _ = finished_run
+  records = [r for r in read_metrics(workdir) if 'train/mask_ratio' in r]
+  scheduled = [r['train/mask_ratio'] for r in records]
+  assert scheduled[0] < scheduled[1] < scheduled[2]
+  np.testing.assert_allclose(scheduled[-1], 0.6, rtol=1e-6)
+  applied = [r['train/mask_ratio_applied'] for r in records]
+  # The applied ratio also counts IMU-only windows, which hide everything.
+  assert all(a >= 0.8 * s for a, s in zip(applied, scheduled))
+
+
 def test_run_writes_every_output(finished_run):
   _, workdir, _ = finished_run
   names = set(os.listdir(workdir))
@@ -76,7 +89,7 @@ def test_run_writes_every_output(finished_run):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')), key=int)[-1] == '80'
   keys = set().union(*read_metrics(workdir))
   for key in ('train/loss_recon_thm', 'train/loss_recon_tof', 'train/learning_rate',
-              'train/mask_ratio', 'train/steps_per_second', 'val/loss', 'val/loss_recon_tof'):
+              'train/mask_ratio', 'train/mask_ratio_applied', 'train/steps_per_second', 'val/loss', 'val/loss_recon_tof'):
     assert key in keys
 
 
@@ -131,7 +144,9 @@ def test_resume_with_changed_data_is_rejected(finished_run, tmp_path):
   config, workdir, _ = finished_run
   other = str(tmp_path / 'other')
   shutil.copytree(workdir, other)
-  changed = tiny_config(num_train_steps=80, **{'loss.kind': 'mae', 'data.synthetic.seed': 7})
+  changed = tiny_config(num_train_steps=80, mask_start=0.4, mask_end=0.6, mask_epochs=10,
+                        **{'loss.kind': 'mae', 'optim.learning_rate': 3e-3,
+                           'data.synthetic.seed': 7})
   with pytest.raises(ValueError, match="data.synthetic.seed: 0 in the workdir, 7 now"):
     train.train_and_evaluate(changed, other)
   with open(os.path.join(workdir, 'config.json')) as f, open(
@@ -139,22 +154,27 @@ def test_resume_with_changed_data_is_rejected(finished_run, tmp_path):
     assert f.read() == g.read()  # The rejected launch left the workdir as it was.
 
 
-def test_train_step_compiles_once():
-  config = tiny_config()
+def test_train_step_compiles_once_and_ramps_mask():
+  config = tiny_config(mask_start=0.2, mask_end=0.8, mask_epochs=1)
   data = train.prepare_data(config)
   model = models.build_model(config, data.target_layouts)
   schedule = training.make_schedule(config.optim, 10)
   tx = training.make_optimizer(config.optim, schedule)
-  steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config)
+  steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config,
+                         steps_per_epoch=4)
   state = training.create_train_state(
       jax.random.PRNGKey(0), data.train.take(np.arange(1)), model=model, tx=tx,
       input_layouts=data.input_layouts, target_layouts=data.target_layouts,
       prior=config.model.interpolation_prior)
   step = jax.jit(chex.assert_max_traces(steps.train_step, n=1))
+  ratios = []
   for i in range(3):
     rows = train.batch_rows(i, len(data.train), config.batch_size, config.seed)
     state, metrics = step(state, data.train.take(rows))
+    ratios.append(float(metrics['mask_ratio']))
   assert int(state.step) == 3
+  np.testing.assert_allclose(ratios, [0.2, 0.35, 0.5], rtol=1e-6)
+  assert 0.0 < float(metrics['mask_ratio_applied']) < 1.0
   assert np.isfinite(float(metrics['loss']))
   log_var = jax.device_get(metrics['log_var_thm'])
   assert abs(float(log_var)) <= config.model.log_var_bound
@@ -172,3 +192,40 @@ def test_non_finite_loss_names_step_and_term():
              {'loss': np.float32(np.nan), 'loss_recon_thm': np.float32(np.nan)}]
   with pytest.raises(FloatingPointError, match=r'loss = nan at step 12.*step 10'):
     train.check_finite(pending, 10, 10)
+
+
+def one_step(config, data, state=None):
+  model = models.build_model(config, data.target_layouts)
+  schedule = training.make_schedule(config.optim, 10)
+  tx = training.make_optimizer(config.optim, schedule)
+  steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config,
+                         steps_per_epoch=4)
+  if state is None:
+    state = training.create_train_state(
+        jax.random.PRNGKey(0), data.train.take(np.arange(1)), model=model, tx=tx,
+        input_layouts=data.input_layouts, target_layouts=data.target_layouts,
+        prior=config.model.interpolation_prior)
+  rows = train.batch_rows(0, len(data.train), config.batch_size, config.seed)
+  return state, jax.jit(steps.train_step)(state, data.train.take(rows))
+
+
+def test_zero_lambda_cons_equals_phase_two():
+  phase2 = tiny_config(mask_start=0.3, mask_end=0.75, mask_epochs=1)
+  phase3 = tiny_config(mask_start=0.3, mask_end=0.75, mask_epochs=1, lambda_cons=0.0,
+                       **{'consistency.positions': 'all'})
+  data = train.prepare_data(phase2)
+  state, (after2, metrics2) = one_step(phase2, data)
+  _, (after3, metrics3) = one_step(phase3, data, state)
+  assert float(metrics2['loss']) == float(metrics3['loss'])
+  for a, b in zip(jax.tree.leaves(after2.params), jax.tree.leaves(after3.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_two_views_log_consistency_terms():
+  config = tiny_config(lambda_cons=0.5)
+  data = train.prepare_data(config)
+  _, (state, metrics) = one_step(config, data)
+  assert float(metrics['count_cons']) > 0
+  assert float(metrics['loss_cons']) > 0
+  assert np.isfinite(float(metrics['loss']))
+  assert int(state.step) == 1
