@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Training mask ratio: the fraction of (timestep, sensor) units of every target group that
   # is hidden. It ramps linearly from mask_start to mask_end over the first mask_epochs epochs
-  # and then holds at mask_end; with mask_epochs = 0 it is mask_end from the first step.
+  # and then stays at mask_end. With mask_epochs = 0 it is mask_end from the first step.
   config.mask_start = 0.5
   config.mask_end = 0.5
   config.mask_epochs = 0

@@ -3,7 +3,7 @@
   python launch.py --config=configs/phase2.py --workdir=runs/phase2
 
 The mask ratio starts low, so the model first learns from mostly visible targets, and rises
-to a harder ratio over the first 10 epochs (a fifth of the default 50), then holds there.
+to a harder ratio over the first 10 epochs (a fifth of the default 50), then stays there.
 """
 
 from configs import phase1

@@ -2,8 +2,8 @@
 
   python launch.py --config=configs/phase3.py --workdir=runs/phase3
 
-Each batch gets two independent masks; the two reconstructions must agree where both views
-saw the value, which asks the model to give the same answer whatever else is hidden.
+Each batch gets two independent masks, and the two reconstructions must agree where both
+views saw the value. This trains the model to give the same answer whatever else is hidden.
 """
 
 from configs import phase2

@@ -1,8 +1,8 @@
 """Orbax checkpoints of the training state together with the run's scaling statistics.
 
-Two managers share the workdir: `checkpoints/` keeps the latest periodic checkpoints and the
-final one, and is where training resumes from; `checkpoints_best/` keeps the single
-checkpoint with the lowest validation loss, which the evaluation report uses.
+Two managers share the workdir. `checkpoints/` keeps the latest periodic checkpoints and the
+final one, and training resumes from it. `checkpoints_best/` keeps the single checkpoint with
+the lowest validation loss, which the evaluation report uses.
 """
 
 from __future__ import annotations

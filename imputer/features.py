@@ -1,7 +1,7 @@
 """Engineered channels, computed per sequence from the raw channels of one group.
 
 Every feature set is a pair: a function that maps raw values (T, C) to features (T, F), and a
-dependency structure that says which raw channels at time t (`now`) and t-1 (`prev`) each
+dependency structure that lists which raw channels at time t (`now`) and t-1 (`prev`) each
 feature reads. The dependencies decide two things:
 
 * a feature is observed only where all of its raw inputs are observed, and features that read

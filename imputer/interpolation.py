@@ -1,7 +1,7 @@
 """Linear interpolation over time of the visible values in a window, on device.
 
 The model receives it as a prior for every target group's raw channels and predicts a
-correction on top of it, so with part of a sensor visible the model starts from the
+correction on top of it. Where part of a sensor is visible, the model thus starts from the
 interpolation baseline instead of having to learn to copy neighbouring values.
 """
 

@@ -1,7 +1,7 @@
 """Masked reconstruction losses, plain and uncertainty-aware.
 
 Each group's loss averages an elementwise error over the positions that the training mask
-hid and the recording observed; padding and values missing in the file never count. All
+hid and the recording observed. Padding and values missing in the file never count. All
 losses are computed in float32.
 
 The uncertainty-aware forms learn one log-variance s per group:

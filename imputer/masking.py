@@ -17,8 +17,8 @@ def expand_to_features(layout, hidden_raw: jax.Array) -> jax.Array:
   now = jnp.asarray(layout.feature_set.depends_now.T, jnp.float32)
   prev = jnp.asarray(layout.feature_set.depends_prev.T, jnp.float32)
   raw = hidden_raw.astype(jnp.float32)
-  # Within a window the first timestep has no previous one; the value before the window is
-  # not part of the input, so nothing can leak from it.
+  # The first timestep of a window has no previous one inside it. The value before the
+  # window is not part of the input, so nothing can leak from it.
   raw_prev = jnp.pad(raw[:, :-1], ((0, 0), (1, 0), (0, 0)))
   return (raw @ now + raw_prev @ prev) > 0
 

@@ -37,7 +37,8 @@ class MlpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, attention_mask=None, *, train: bool):
-    del attention_mask  # Per-timestep: nothing crosses timesteps, so padding cannot leak.
+    # Each timestep is transformed on its own, so padded timesteps cannot reach valid ones.
+    del attention_mask
     width = x.shape[-1]
     y = nn.LayerNorm()(x)
     y = nn.gelu(nn.Dense(width * self.mlp_ratio)(y))

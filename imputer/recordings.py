@@ -53,7 +53,7 @@ def single_sensor_group(name: str, columns, features: str = 'raw') -> GroupSpec:
 class Sequence:
   """One recording: rows ordered in time, each group as a (T, C_raw) array.
 
-  `raw[g]` is float64 with NaN where the value is missing; `observed[g]` is the boolean mask
+  `raw[g]` is float64 with NaN where the value is missing. `observed[g]` is the boolean mask
   built from the file before any filling, with the same shape.
   """
 

@@ -18,7 +18,7 @@ from imputer import masking
 class TrainState:
   """Everything the next step depends on, so that a checkpoint of it is a resume point.
 
-  `rng` is the run's base key; the step's own key is folded from it with `step`, so a resumed
+  `rng` is the run's base key. Each step folds its own key from it with `step`, so a resumed
   run draws the same masks and dropout as an uninterrupted one.
   """
 
@@ -114,7 +114,7 @@ class Steps:
     """Return L_recon averaged over two masked views plus lambda_cons * L_cons.
 
     L_cons is the MSE between the two views' reconstructions on the positions that
-    `consistency.positions` selects; with `consistency.stop_gradient` the second view is a
+    `consistency.positions` selects. With `consistency.stop_gradient` the second view is a
     fixed target, so only the first view is pulled towards it.
     """
     views = [self.loss_and_outputs(params, batch, hidden, rng, train)
