@@ -1,16 +1,22 @@
 """Preset for smartwatch sensor streams: gyroscope and PPG imputed from the accelerometer.
 
   python launch.py --config=configs/bfrb_watch.py --config.data.path=FOLDER --workdir=runs/watch
+  python launch.py --config=configs/bfrb_watch.py:phase4 --config.data.path=FOLDER --workdir=runs/w4
 
 FOLDER contains one sub-folder per participant (exp-1 ... exp-10 in the public recordings of
 Searle et al., MobileHCI 2021), each with accLabeled.csv, gyrLabeled.csv, ppgLabeled.csv and
-hrmLabeled.csv. Participants are the subjects, so whole participants are held out. It derives
-from phase 1 (shared decoder, conf_mae) and changes only the data.
+hrmLabeled.csv. Participants are the subjects, so whole participants are held out.
+
+The text after the colon names the phase config that the preset starts from (phase0 to
+phase4; phase1, the shared decoder with conf_mae, when omitted). The preset changes only the
+data and the number of epochs, so every phase trains on the watch with its own settings.
 """
+
+import importlib
 
 import ml_collections
 
-from configs import phase1
+PHASES = ('phase0', 'phase1', 'phase2', 'phase3', 'phase4')
 
 
 def stream(file, columns, role, features='raw', missing_values='', max_gap_ms=150.0):
@@ -19,8 +25,12 @@ def stream(file, columns, role, features='raw', missing_values='', max_gap_ms=15
       'missing_values': missing_values, 'max_gap_ms': max_gap_ms})
 
 
-def get_config():
-  config = phase1.get_config()
+def get_config(phase: str = 'phase1'):
+  phase = phase or 'phase1'
+  if phase not in PHASES:
+    raise ValueError(f'configs/bfrb_watch.py:{phase} is unknown; use one of {", ".join(PHASES)} '
+                     'after the colon.')
+  config = importlib.import_module(f'configs.{phase}').get_config()
   data = config.data
   # The watch samples about every 100 ms; a grid point takes a sample at most 150 ms away.
   data.stream_rate_hz = 10.0

@@ -103,6 +103,31 @@ def get_config() -> ml_collections.ConfigDict:
   # Stop the gradient through the second view, making it a fixed target for the first.
   config.consistency.stop_gradient = False
 
+  # Weight of the contrastive loss (InfoNCE against a queue of momentum-encoder keys); 0
+  # turns the momentum encoder, the queue and the augmented views off entirely.
+  config.lambda_contrastive = 0.0
+  config.contrastive = ml_collections.ConfigDict()
+  config.contrastive.temperature = 0.1  # InfoNCE temperature t: logits are cosines / t.
+  # Keys kept as negatives. It must be at least batch_size (one batch is written per step),
+  # and it should stay well below the number of training windows: a queue that spans more
+  # than an epoch contains an older key of the query's own window, which then counts as a
+  # negative.
+  config.contrastive.queue_size = 1024
+  # EMA momentum m of the momentum encoder: theta_k <- m * theta_k + (1 - m) * theta_q.
+  # 'constant' keeps m; 'cosine' raises it from m at the first step to 1 at the last.
+  config.contrastive.momentum = 0.99
+  config.contrastive.momentum_schedule = 'constant'
+  config.contrastive.projection_dim = 64  # Width D of the queue keys and queries.
+
+  # Augmentations of the two contrastive views, applied to the input groups (the IMU) only;
+  # the views hide every target group, like an IMU-only recording.
+  config.augment = ml_collections.ConfigDict()
+  # Standard deviation of the log playback speed at the warp's knots: 0 is no warp, 0.2 lets
+  # a stretch of the window run about 20% faster or slower than real time.
+  config.augment.warp_strength = 0.2
+  config.augment.warp_knots = 4  # Knots of the piecewise-linear log-speed curve per window.
+  config.augment.jitter_sigma = 0.05  # Gaussian noise added to observed inputs, scaled units.
+
   config.loss = ml_collections.ConfigDict()
   # One of mse, mae, huber, conf_mse (Gaussian), conf_mae (Laplace), conf_huber (heuristic).
   config.loss.kind = 'mse'

@@ -51,19 +51,26 @@ def _padded_rows(start: int, batch_size: int, total: int) -> tuple[np.ndarray, i
   return np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])]), len(rows)
 
 
-def predict_windows(predict_fn, params, windows, batch_size: int, mesh, key):
-  """Run `predict_fn` over all windows; return (mean loss terms, recon, hidden) on the host.
+def global_batches(windows, batch_size: int, mesh):
+  """Yield (batch index, global batch, real rows) over all windows in order.
 
   The last batch is filled up by repeating its last window with `valid` set to False, so the
-  compiled shape never changes and the repeats are never scored. Loss terms are averaged
-  over batches, weighted by their real windows.
+  compiled shape never changes and the repeats are never scored.
   """
-  recon, hidden, totals, seen = {}, {}, {}, 0
   for batch_index, start in enumerate(range(0, len(windows), batch_size)):
     rows, real = _padded_rows(start, batch_size, len(windows))
     local = windows.take(sharding.process_rows(rows))
     local['valid'] = local['valid'] & (sharding.process_rows(np.arange(batch_size)) < real)[:, None]
-    batch = sharding.to_global(local, mesh)
+    yield batch_index, sharding.to_global(local, mesh), real
+
+
+def predict_windows(predict_fn, params, windows, batch_size: int, mesh, key):
+  """Run `predict_fn` over all windows; return (mean loss terms, recon, hidden) on the host.
+
+  Loss terms are averaged over batches, weighted by their real windows.
+  """
+  recon, hidden, totals, seen = {}, {}, {}, 0
+  for batch_index, batch, real in global_batches(windows, batch_size, mesh):
     metrics, out, drawn = predict_fn(params, batch, jax.random.fold_in(key, batch_index))
     out, drawn, metrics = multihost_utils.process_allgather((out, drawn, metrics), tiled=True)
     for name in out:
@@ -75,6 +82,15 @@ def predict_windows(predict_fn, params, windows, batch_size: int, mesh, key):
   mean = {name: value / max(seen, 1) for name, value in totals.items()}
   return (mean, {n: np.concatenate(v) for n, v in recon.items()},
           {n: np.concatenate(v) for n, v in hidden.items()})
+
+
+def represent_windows(represent_fn, params, windows, batch_size: int, mesh) -> np.ndarray:
+  """Return the (N, H) pooled representations of all windows, in window order."""
+  parts = []
+  for _, batch, real in global_batches(windows, batch_size, mesh):
+    pooled = multihost_utils.process_allgather(represent_fn(params, batch), tiled=True)
+    parts.append(np.asarray(pooled)[:real])
+  return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
 def stitch(index: np.ndarray, arrays: np.ndarray, lengths: list[int]) -> list[np.ndarray]:

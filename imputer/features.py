@@ -41,6 +41,9 @@ class FeatureSet:
   depends_now: np.ndarray   # (F, C) bool: feature f reads raw channel c at t.
   depends_prev: np.ndarray  # (F, C) bool: feature f reads raw channel c at t-1.
   compute: Callable[[np.ndarray], np.ndarray]
+  # First of four features holding a scalar-first unit quaternion (w, x, y, z), or None.
+  # Augmentations that resample in time re-normalise these channels.
+  quaternion_start: int | None = None
 
   @property
   def num_features(self) -> int:
@@ -178,7 +181,8 @@ def feature_set(name: str, columns: tuple[str, ...]) -> FeatureSet:
   elif columns != expected:
     raise ValueError(f'feature set {name!r} needs the columns {expected}, got {columns}.')
   now, prev = dependencies()
-  return FeatureSet(name, tuple(names), now, prev, compute)
+  quaternion_start = 3 if name == 'cmi_imu' else None
+  return FeatureSet(name, tuple(names), now, prev, compute, quaternion_start)
 
 
 def engineered_observed(fs: FeatureSet, observed: np.ndarray) -> np.ndarray:

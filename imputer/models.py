@@ -69,6 +69,25 @@ class Decoder(nn.Module):
     return nn.LayerNorm()(x)
 
 
+class ProjectionHead(nn.Module):
+  """Two-layer MLP from a pooled representation to the unit-length contrastive space."""
+
+  hidden_dim: int
+  output_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.gelu(nn.Dense(self.hidden_dim)(x))
+    x = nn.Dense(self.output_dim)(x)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
+def masked_time_mean(x, valid):
+  """Mean of (B, W, H) `x` over the valid timesteps of each window; 0 for an empty window."""
+  weight = valid.astype(x.dtype)[..., None]
+  return (x * weight).sum(axis=1) / jnp.maximum(weight.sum(axis=1), 1.0)
+
+
 class MaskedImputer(nn.Module):
   """Reconstruct hidden target values from the inputs and the visible target values.
 
@@ -78,6 +97,17 @@ class MaskedImputer(nn.Module):
   'targets_prior', each head's raw channels are a correction on top of that prior (see
   `gated_prior`). With `learn_log_var` the model owns
   one float32 log-variance per group, bounded to [-log_var_bound, log_var_bound].
+
+  `output` selects what a call returns:
+
+  * 'recon': {'recon': {group: (B, W, F_g)}} and, with learn_log_var, {'log_var': ...};
+  * 'representation': {'representation': (B, H)}, the mean over valid timesteps of h_shared
+    (of the encoder output with dual decoders, which have no shared trunk);
+  * 'projection': the representation and {'projection': (B, projection_dim)}, its unit-length
+    image under the projection head of the contrastive loss.
+
+  The last two stop before the heads, so they run with a parameter tree that holds only the
+  trunk (and the projection head), as the momentum encoder's does.
   """
 
   targets: Sequence[tuple[str, int]]
@@ -92,6 +122,7 @@ class MaskedImputer(nn.Module):
   conv_kernel: int = 5
   learn_log_var: bool = False
   log_var_bound: float = 6.0
+  projection_dim: int = 64
 
   def embed(self, model_inputs, *, train: bool):
     """Concatenate values and mask indicators per timestep and project them to H."""
@@ -128,7 +159,7 @@ class MaskedImputer(nn.Module):
                    self.mlp_ratio, self.dropout, name=name)
 
   @nn.compact
-  def __call__(self, model_inputs, *, train: bool = False):
+  def __call__(self, model_inputs, *, train: bool = False, output: str = 'recon'):
     valid = model_inputs['valid']
     attention_mask = nn.make_attention_mask(valid, valid)
     x = self.embed(model_inputs, train=train)
@@ -136,14 +167,27 @@ class MaskedImputer(nn.Module):
                       self.dropout, name='encoder')
     x = encoder(x, attention_mask, train=train)
 
+    if output not in ('recon', 'representation', 'projection'):
+      raise ValueError(f"output={output!r} is unknown; use 'recon', 'representation' or "
+                       "'projection'.")
     if self.decoder == 'shared':
       h_shared = self.make_decoder('shared_decoder')(x, attention_mask, train=train)
       features = {name: h_shared for name, _ in self.targets}
+      trunk = h_shared
     elif self.decoder == 'dual':
-      features = {name: self.make_decoder(f'decoder_{name}')(x, attention_mask, train=train)
-                  for name, _ in self.targets}
+      trunk = x
+      if output == 'recon':
+        features = {name: self.make_decoder(f'decoder_{name}')(x, attention_mask, train=train)
+                    for name, _ in self.targets}
     else:
       raise ValueError(f"model.decoder={self.decoder!r} is unknown; use 'shared' or 'dual'.")
+    if output != 'recon':
+      represented = {'representation': masked_time_mean(trunk, valid)}
+      if output == 'projection':
+        represented['projection'] = ProjectionHead(
+            self.hidden_dim, self.projection_dim, name='projection_head')(
+                represented['representation'])
+      return represented
 
     recon = {}
     priors = model_inputs.get('targets_prior', {})
@@ -169,4 +213,5 @@ def build_model(config, target_layouts) -> MaskedImputer:
       hidden_dim=m.hidden_dim, encoder_layers=m.encoder_layers, decoder=m.decoder,
       decoder_type=m.decoder_type, decoder_layers=m.decoder_layers, num_heads=m.num_heads,
       mlp_ratio=m.mlp_ratio, dropout=m.dropout, conv_kernel=m.conv_kernel,
-      learn_log_var=config.loss.kind.startswith('conf_'), log_var_bound=m.log_var_bound)
+      learn_log_var=config.loss.kind.startswith('conf_'), log_var_bound=m.log_var_bound,
+      projection_dim=config.contrastive.projection_dim)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+from imputer import probe
+
 
 def _fmt(value) -> str:
   if value is None:
@@ -60,6 +62,8 @@ def to_markdown(report: dict) -> str:
     for group, method, entry in _rows(scenario):
       lines.append(f"| {group} | {method} | {_fmt(entry['mae'])} | {_fmt(entry['rmse'])} | "
                    f"{_fmt(entry['r2'])} | {entry['count']} |")
+  if report.get('probe'):
+    lines += [''] + probe.markdown_lines(report['probe'])
   return '\n'.join(lines) + '\n'
 
 

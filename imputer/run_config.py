@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from imputer import contrastive
+
 # Fields that change only logging, evaluation batching or checkpoint cadence, never the
 # trained parameters or the figures, so a resume may change them.
 RESUME_MAY_CHANGE = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
@@ -56,6 +58,23 @@ def validate(config) -> None:
   _require(config.consistency.positions in ('both_visible', 'both_hidden', 'all'),
            'consistency.positions', config.consistency.positions,
            "use 'both_visible', 'both_hidden' or 'all'")
+  _require(config.lambda_contrastive >= 0, 'lambda_contrastive', config.lambda_contrastive,
+           'use 0 or more')
+  c = config.contrastive
+  _require(c.temperature > 0, 'contrastive.temperature', c.temperature, 'use a value above 0')
+  _require(c.queue_size >= config.batch_size, 'contrastive.queue_size', c.queue_size,
+           f'one step writes a whole batch into the queue, so use at least batch_size '
+           f'({config.batch_size})')
+  _require(0.0 <= c.momentum <= 1.0, 'contrastive.momentum', c.momentum, 'use 0 to 1')
+  _require(c.momentum_schedule in contrastive.MOMENTUM_SCHEDULES,
+           'contrastive.momentum_schedule', c.momentum_schedule,
+           "use 'constant' or 'cosine'")
+  _require(c.projection_dim >= 1, 'contrastive.projection_dim', c.projection_dim,
+           'use 1 or more')
+  a = config.augment
+  _require(a.warp_strength >= 0, 'augment.warp_strength', a.warp_strength, 'use 0 or more')
+  _require(a.warp_knots >= 1, 'augment.warp_knots', a.warp_knots, 'use 1 or more')
+  _require(a.jitter_sigma >= 0, 'augment.jitter_sigma', a.jitter_sigma, 'use 0 or more')
   m = config.model
   _require(m.hidden_dim >= 1 and m.hidden_dim % m.num_heads == 0, 'model.num_heads',
            m.num_heads, f'it must divide model.hidden_dim ({m.hidden_dim})')

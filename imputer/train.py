@@ -14,12 +14,14 @@ import jax
 import numpy as np
 from absl import logging
 
+from imputer import augment
 from imputer import checkpointing
 from imputer import evaluation
 from imputer import folds
 from imputer import layout as layout_lib
 from imputer import metric_writer
 from imputer import models
+from imputer import probe
 from imputer import recordings
 from imputer import report as report_lib
 from imputer import run_config
@@ -190,6 +192,25 @@ def evaluate_report(data: RunData, split: str, predict_fns, params, config, mesh
   }
 
 
+def representation_description(config) -> str:
+  trunk = 'h_shared' if config.model.decoder == 'shared' else 'the encoder output'
+  return (f'mean over valid timesteps of {trunk}, from IMU-only inputs (every target group '
+          'hidden), with the parameters that the report scores')
+
+
+def representations(data: RunData, represent_fn, params, config, mesh):
+  """Return (representations, windows, per-window labels) of the train, validation and test
+  windows, the inputs of `probe.probe_report`."""
+  features, windows, labels = {}, {}, {}
+  for split in ('train', 'validation', 'test'):
+    windows[split] = getattr(data, split)
+    features[split] = evaluation.represent_windows(represent_fn, params, windows[split],
+                                                   config.eval_batch_size, mesh)
+    sequences = data.sequences[split]
+    labels[split] = [sequences[i].label for i in windows[split].index[:, 0]]
+  return features, windows, labels
+
+
 @dataclasses.dataclass
 class CompiledSteps:
   """Initial state and jitted steps of a run, with the run's length in steps."""
@@ -197,6 +218,7 @@ class CompiledSteps:
   state: training.TrainState
   train_step: Any
   predict_fns: dict
+  represent_fn: Any
   num_steps: int
 
 
@@ -211,19 +233,29 @@ def build_steps(config, data: RunData, mesh) -> CompiledSteps:
   model = models.build_model(config, data.target_layouts)
   schedule = training.make_schedule(config.optim, num_steps)
   tx = training.make_optimizer(config.optim, schedule)
+  quaternions = {l.name: augment.quaternion_channels(l, data.scalers[l.name])
+                 for l in data.input_layouts}
   steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config,
-                         steps_per_epoch=max(len(data.train) // config.batch_size, 1))
+                         steps_per_epoch=max(len(data.train) // config.batch_size, 1),
+                         total_steps=num_steps, quaternions=quaternions)
+  queue_size = config.contrastive.queue_size if config.lambda_contrastive > 0 else 0
+  if queue_size > len(data.train):
+    logging.warning(
+        'contrastive.queue_size=%d is larger than the %d training windows, so the queue holds '
+        "older keys of a query's own window as negatives; lower contrastive.queue_size.",
+        queue_size, len(data.train))
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   example = jax.tree.map(lambda x: x[:1], data.train.take(np.arange(1)))
   init = functools.partial(training.create_train_state, model=model, tx=tx,
                            input_layouts=data.input_layouts, target_layouts=data.target_layouts,
-                           prior=config.model.interpolation_prior)
+                           prior=config.model.interpolation_prior, queue_size=queue_size)
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed), example)
   train_step = jax.jit(steps.train_step, in_shardings=(replicated, batched),
                        out_shardings=(replicated, replicated), donate_argnums=0)
   predict_fns = {name: jax.jit(fn, in_shardings=(replicated, batched, None))
                  for name, fn in evaluation.make_predict_fns(steps, config).items()}
-  return CompiledSteps(state, train_step, predict_fns, num_steps)
+  represent_fn = jax.jit(steps.represent, in_shardings=(replicated, batched))
+  return CompiledSteps(state, train_step, predict_fns, represent_fn, num_steps)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -323,6 +355,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   report = evaluate_report(data, 'test', predict_fns, params, config, mesh, checkpoint)
   validation = evaluate_report(data, 'validation', predict_fns, params, config, mesh,
                                checkpoint)
+  probe_inputs = representations(data, compiled.represent_fn, params, config, mesh)
+  for split, result in (('test', report), ('validation', validation)):
+    result['probe'] = probe.probe_report(
+        *probe_inputs, data.input_layouts, data.target_layouts, data.scalers, split,
+        representation_description(config))
   if is_main:
     report_lib.write_report(report, workdir, 'eval_report')
     report_lib.write_report(validation, workdir, 'validation_report')

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from imputer import augment
+from imputer import contrastive
 from imputer import interpolation
 from imputer import losses
 from imputer import masking
@@ -20,12 +22,21 @@ class TrainState:
 
   `rng` is the run's base key. Each step folds its own key from it with `step`, so a resumed
   run draws the same masks and dropout as an uninterrupted one.
+
+  With the contrastive loss on, `momentum_params` holds the momentum encoder: a separate
+  copy of the trunk and projection-head entries of `params`, never the same buffers.
+  `queue` (K, D) holds unit-length keys, `queue_pointer` the next slot to write and
+  `queue_filled` how many slots hold a key. Without it the four fields are None.
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  momentum_params: Any = None
+  queue: Any = None
+  queue_pointer: Any = None
+  queue_filled: Any = None
 
 
 def make_schedule(optim_config, total_steps: int) -> optax.Schedule:
@@ -67,6 +78,21 @@ def model_inputs(batch, input_layouts, target_layouts, visible_raw, prior: bool)
   return inputs
 
 
+def imu_only_inputs(valid, input_values, input_observed, target_layouts, prior: bool):
+  """Build model inputs that hide every target group, as for an IMU-only recording.
+
+  Equal to `model_inputs` with nothing visible, but built from zeros directly: the
+  interpolation of an empty window is 0, and as a compile-time constant it would be folded
+  slowly for wide groups.
+  """
+  zeros = {l.name: jnp.zeros(valid.shape + (l.num_raw,), jnp.float32) for l in target_layouts}
+  inputs = {'valid': valid, 'inputs': input_values, 'inputs_observed': input_observed,
+            'targets': zeros, 'targets_visible': zeros}
+  if prior:
+    inputs['targets_prior'] = zeros
+  return inputs
+
+
 def masked_views(batch, target_layouts, hidden_raw):
   """Return (visible raw masks, scoring weights per feature) for a drawn hidden mask."""
   visible, weights = {}, {}
@@ -88,7 +114,7 @@ class Steps:
   """
 
   def __init__(self, model, tx, schedule, input_layouts, target_layouts, config,
-               steps_per_epoch: int = 1):
+               steps_per_epoch: int = 1, total_steps: int = 1, quaternions=None):
     self.model = model
     self.tx = tx
     self.schedule = schedule
@@ -96,6 +122,9 @@ class Steps:
     self.target_layouts = tuple(target_layouts)
     self.config = config
     self.mask_ramp_steps = config.mask_epochs * steps_per_epoch
+    self.total_steps = total_steps
+    # Input group name -> augment.QuaternionChannels or None, for the contrastive views.
+    self.quaternions = dict(quaternions or {})
     self.group_weights = losses.parse_group_weights(
         config.loss.group_weights, [l.name for l in target_layouts])
 
@@ -146,20 +175,80 @@ class Steps:
         (m.element_weight, m.sensor_weight, m.span_weight), m.span_length)
     return hidden, ratio
 
-  def train_step(self, state: TrainState, batch):
-    mask_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  def reconstruction_objective(self, params, batch, step, mask_rng, dropout_rng):
+    """Return (L_recon [+ lambda_cons * L_cons], (terms, hidden mask, scheduled ratio))."""
     if self.config.lambda_cons > 0:
       # Two views: independent masks and dropout, drawn from the step's keys.
-      mask_rngs = jax.random.split(mask_rng)
-      hidden_views, ratio = zip(*(self.draw_hidden(k, state.step, batch) for k in mask_rngs))
-      hidden, ratio = hidden_views[0], ratio[0]
-      grad_fn = jax.value_and_grad(self.two_view_loss, has_aux=True)
-      (loss, (terms, _)), grads = grad_fn(state.params, batch, hidden_views,
-                                          jax.random.split(dropout_rng))
-    else:
-      hidden, ratio = self.draw_hidden(mask_rng, state.step, batch)
-      grad_fn = jax.value_and_grad(self.loss_and_outputs, has_aux=True)
-      (loss, (terms, _)), grads = grad_fn(state.params, batch, hidden, dropout_rng, True)
+      hidden_views, ratios = zip(*(self.draw_hidden(k, step, batch)
+                                   for k in jax.random.split(mask_rng)))
+      total, (terms, _) = self.two_view_loss(params, batch, hidden_views,
+                                             jax.random.split(dropout_rng))
+      return total, (terms, hidden_views[0], ratios[0])
+    hidden, ratio = self.draw_hidden(mask_rng, step, batch)
+    total, (terms, _) = self.loss_and_outputs(params, batch, hidden, dropout_rng, True)
+    return total, (terms, hidden, ratio)
+
+  def augmented_view(self, rng, batch):
+    a = self.config.augment
+    view = augment.augment_inputs(rng, batch, self.input_layouts, self.quaternions,
+                                  a.warp_strength, a.warp_knots, a.jitter_sigma)
+    return imu_only_inputs(batch['valid'], view['values'], view['observed'],
+                           self.target_layouts, self.config.model.interpolation_prior)
+
+  def contrastive_objective(self, params, state: TrainState, batch, rng):
+    """Return (L_contrastive, (metrics, keys, kept rows)) for two augmented views.
+
+    The online parameters encode view A into queries; the momentum parameters encode view B
+    into keys, which carry no gradient. Windows without a valid timestep are left out of the
+    loss and of the queue.
+    """
+    view_rng, dropout_rng = jax.random.split(rng)
+    view_a, view_b = (self.augmented_view(k, batch) for k in jax.random.split(view_rng))
+    queries = self.model.apply({'params': params}, view_a, train=True,
+                               rngs={'dropout': dropout_rng}, output='projection')['projection']
+    keys = self.model.apply({'params': state.momentum_params}, view_b, train=False,
+                            output='projection')['projection']
+    keys = jax.lax.stop_gradient(keys)
+    keep = batch['valid'].any(axis=-1)
+    loss, metrics = contrastive.info_nce(queries, keys, state.queue, state.queue_filled,
+                                         self.config.contrastive.temperature, keep)
+    return loss, (metrics, keys, keep)
+
+  def objective(self, params, state: TrainState, batch, step_rng):
+    """Return the total loss L_recon + lambda_cons * L_cons + lambda_contrastive * L_contrastive.
+
+    The reconstruction terms draw their keys exactly as before the contrastive loss existed,
+    so phases without it keep their masks and dropout.
+    """
+    mask_rng, dropout_rng = jax.random.split(step_rng)
+    total, (terms, hidden, ratio) = self.reconstruction_objective(
+        params, batch, state.step, mask_rng, dropout_rng)
+    extra = {}
+    if self.config.lambda_contrastive > 0:
+      loss_c, (metrics_c, keys, keep) = self.contrastive_objective(
+          params, state, batch, jax.random.fold_in(step_rng, 1))
+      total = total + self.config.lambda_contrastive * loss_c
+      terms = {**terms, 'loss_contrastive': loss_c, **metrics_c}
+      extra = {'keys': keys, 'keep': keep}
+    return total, (terms, hidden, ratio, extra)
+
+  def update_momentum_and_queue(self, state: TrainState, params, extra):
+    """Move the momentum encoder towards the updated online parameters, then enqueue keys."""
+    c = self.config.contrastive
+    m = contrastive.momentum_at(state.step, c.momentum, c.momentum_schedule, self.total_steps)
+    online = {name: params[name] for name in state.momentum_params}
+    momentum_params = contrastive.ema_update(state.momentum_params, online, m)
+    queue, pointer, filled = contrastive.enqueue(
+        state.queue, state.queue_pointer, state.queue_filled, extra['keys'], extra['keep'])
+    metrics = {'momentum': m,
+               'queue_fill': state.queue_filled.astype(jnp.float32) / state.queue.shape[0]}
+    return dict(momentum_params=momentum_params, queue=queue, queue_pointer=pointer,
+                queue_filled=filled), metrics
+
+  def train_step(self, state: TrainState, batch):
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(self.objective, has_aux=True)
+    (loss, (terms, hidden, ratio, extra)), grads = grad_fn(state.params, state, batch, step_rng)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -170,8 +259,22 @@ class Steps:
             hidden, {l.name: batch['observed'][l.name][..., :l.num_raw]
                      for l in self.target_layouts}),
     }
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    changes = {}
+    if extra:
+      changes, contrastive_metrics = self.update_momentum_and_queue(state, params, extra)
+      metrics.update(contrastive_metrics)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              **changes)
     return new_state, metrics
+
+  def represent(self, params, batch):
+    """Return the (B, H) pooled representation of IMU-only inputs (every target hidden)."""
+    inputs = imu_only_inputs(batch['valid'], {l.name: batch['values'][l.name]
+                                              for l in self.input_layouts},
+                             {l.name: batch['observed'][l.name] for l in self.input_layouts},
+                             self.target_layouts, self.config.model.interpolation_prior)
+    return self.model.apply({'params': params}, inputs, train=False,
+                            output='representation')['representation']
 
   def evaluate(self, params, batch, hidden_raw):
     """Return (loss terms, reconstructions) for given hidden masks, without dropout."""
@@ -180,12 +283,26 @@ class Steps:
 
 
 def create_train_state(rng, example_batch, *, model, tx, input_layouts, target_layouts,
-                       prior: bool):
-  """Initialise parameters from an example batch and return step-0 state."""
+                       prior: bool, queue_size: int = 0):
+  """Initialise parameters from an example batch and return step-0 state.
+
+  With `queue_size` > 0 the state also gets the projection head, a momentum copy of the
+  trunk and projection head, and an empty queue of `queue_size` keys.
+  """
   param_rng, state_rng = jax.random.split(rng)
   visible = {l.name: jnp.ones(example_batch['values'][l.name].shape[:2] + (l.num_raw,))
              for l in target_layouts}
   inputs = model_inputs(example_batch, input_layouts, target_layouts, visible, prior)
   params = model.init({'params': param_rng}, inputs, train=False)['params']
+  extra = {}
+  if queue_size > 0:
+    trunk = model.init({'params': param_rng}, inputs, train=False, output='projection')['params']
+    params = {**params, 'projection_head': trunk['projection_head']}
+    # A copy: the momentum encoder must own its buffers, or an update of one would be
+    # an update of the other (and donating the state would donate one buffer twice).
+    extra = dict(
+        momentum_params=jax.tree.map(jnp.copy, {name: params[name] for name in trunk}),
+        queue=jnp.zeros((queue_size, model.projection_dim), jnp.float32),
+        queue_pointer=jnp.zeros((), jnp.int32), queue_filled=jnp.zeros((), jnp.int32))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=state_rng)
+                    rng=state_rng, **extra)

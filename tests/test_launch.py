@@ -36,7 +36,7 @@ def read_report(workdir):
     return json.load(f)
 
 
-@pytest.mark.parametrize('config', ['configs/phase1.py', 'configs/phase3.py'])
+@pytest.mark.parametrize('config', ['configs/phase1.py', 'configs/phase3.py', 'configs/phase4.py'])
 def test_cmi_csv_imu_only_and_no_return(tmp_path, config):
   frame = synthetic.generate_cmi_frame(num_subjects=4, sequences_per_subject=4, min_length=20,
                                        max_length=30, imu_only_fraction=0.25, seed=3)
@@ -58,6 +58,9 @@ def test_cmi_csv_imu_only_and_no_return(tmp_path, config):
   assert thm['count'] > 0
   assert np.isfinite(thm['mae'])
   assert 'step 4/4' in result.stderr
+  # The CMI file labels every sequence with its gesture, so the gesture probe runs.
+  assert report['probe']['gesture']['model']['scored_windows'] > 0
+  assert set(report['probe']['groups']) == {'thm', 'tof'}
 
 
 def test_cmi_missing_column_named(tmp_path):
@@ -76,14 +79,28 @@ def test_misspelt_config_field_is_rejected(tmp_path):
   assert 'batchsize' in result.stderr
 
 
-def test_watch_preset_trains_on_stream_fixture(tmp_path):
+@pytest.mark.parametrize('preset', ['configs/bfrb_watch.py', 'configs/bfrb_watch.py:phase4'])
+def test_watch_preset_trains_on_stream_fixture(tmp_path, preset):
   workdir = tmp_path / 'run'
-  result = launch(workdir, 'configs/bfrb_watch.py', f'--config.data.path={FIXTURE}',
+  result = launch(workdir, preset, f'--config.data.path={FIXTURE}',
                   '--config.num_train_steps=4')
   assert result.returncode == 0, result.stderr[-3000:]
   report = read_report(workdir)
   assert set(report['scenarios']['random_mask']['model']) == {'gyro', 'ppg'}
   assert len(report['split']['test']) == 1
+  assert set(report['probe']['groups']) == {'gyro', 'ppg'}
+  assert report['probe']['gesture'] is None  # The streams carry no sequence labels.
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  assert config['lambda_contrastive'] == (0.1 if preset.endswith('phase4') else 0.0)
+
+
+def test_watch_preset_rejects_unknown_phase(tmp_path):
+  result = launch(tmp_path / 'run', 'configs/bfrb_watch.py:phase9',
+                  f'--config.data.path={FIXTURE}')
+  assert result.returncode != 0
+  assert 'phase9' in result.stderr
+  assert 'phase0, phase1, phase2, phase3, phase4' in result.stderr
 
 
 def train_losses(workdir):
