@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from configs import default as default_config
 from imputer import contrastive
 
 # Fields that change only logging, evaluation batching or checkpoint cadence, never the
@@ -104,6 +105,15 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
   return flat
 
 
+def _added_at_default(key: str, before: dict, now: dict, defaults: dict) -> bool:
+  """Return whether `key` is a config field added after the run started, left at its default.
+
+  Every field added to the config keeps the earlier behaviour at its default value, so a run
+  that started before the field existed trained as with the default.
+  """
+  return key not in before and key in defaults and now.get(key) == defaults[key]
+
+
 def check_resume(workdir: str, config_dict: dict, fingerprint: str) -> None:
   """Raise ValueError when `workdir` contains a run with another config or other data."""
   path = os.path.join(workdir, RUN_FILE)
@@ -112,8 +122,10 @@ def check_resume(workdir: str, config_dict: dict, fingerprint: str) -> None:
   with open(path, encoding='utf-8') as f:
     saved = json.load(f)
   before, now = _flatten(saved['config']), _flatten(config_dict)
+  defaults = _flatten(json.loads(default_config.get_config().to_json_best_effort()))
   changed = sorted(k for k in set(before) | set(now)
-                   if before.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+                   if before.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE
+                   and not _added_at_default(k, before, now, defaults))
   if changed:
     details = '; '.join(f'{k}: {before.get(k)!r} in the workdir, {now.get(k)!r} now'
                         for k in changed)

@@ -1,5 +1,6 @@
 """Config range checks and the resume guard of a workdir."""
 
+import importlib
 import json
 
 import pytest
@@ -46,8 +47,10 @@ def test_out_of_range_fields_are_rejected(field, value, message):
     run_config.validate(config)
 
 
-def test_default_configs_are_valid():
-  run_config.validate(phase1.get_config())
+@pytest.mark.parametrize('name', ['default', 'phase0', 'phase1', 'phase2', 'phase3',
+                                  'phase4', 'bfrb_watch'])
+def test_shipped_configs_are_valid(name):
+  run_config.validate(importlib.import_module(f'configs.{name}').get_config())
 
 
 def test_resume_guard(tmp_path):
@@ -73,3 +76,16 @@ def test_fingerprint_follows_values_and_masks():
   other = synthetic.load_synthetic(num_subjects=3, sequences_per_subject=2, seed=0)
   other.sequences[0].observed['tof'][0, 0] ^= True
   assert run_config.data_fingerprint(first) != run_config.data_fingerprint(other)
+
+
+def test_resume_accepts_added_field_at_default(tmp_path):
+  workdir = str(tmp_path)
+  older = config_dict()
+  del older['lambda_contrastive']
+  del older['contrastive']
+  run_config.write_run_file(workdir, older, 'abc')
+  run_config.check_resume(workdir, config_dict(), 'abc')
+  with pytest.raises(ValueError, match='lambda_contrastive: None in the workdir, 0.5 now'):
+    run_config.check_resume(workdir, config_dict(lambda_contrastive=0.5), 'abc')
+  with pytest.raises(ValueError, match='contrastive.queue_size: None in the workdir, 64 now'):
+    run_config.check_resume(workdir, config_dict(**{'contrastive.queue_size': 64}), 'abc')
