@@ -72,6 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
   # starts from the interpolation baseline; with nothing visible the prior is the median.
   config.model.interpolation_prior = True
   config.model.log_var_bound = 6.0  # Learned log-variances s are kept in [-bound, bound].
+  # A learned vector per timestep of the window, added to the time tokens.
+  config.model.positional_embedding = False
+  # A sensor stage after the encoder: one token per IMU channel and per target sensor at each
+  # timestep, with a learned ID embedding each and attention across the sensors of a timestep.
+  config.model.sensor_embedding = False
 
   # Training mask ratio: the fraction of (timestep, sensor) units of every target group that
   # is hidden. It ramps linearly from mask_start to mask_end over the first mask_epochs epochs
@@ -127,6 +132,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.warp_strength = 0.2
   config.augment.warp_knots = 4  # Knots of the piecewise-linear log-speed curve per window.
   config.augment.jitter_sigma = 0.05  # Gaussian noise added to observed inputs, scaled units.
+
+  # Weight of the auxiliary denoising loss; 0 turns the corruption and the head off entirely.
+  config.lambda_denoise = 0.0
+  config.denoise = ml_collections.ConfigDict()
+  config.denoise.ratio = 0.1  # Fraction of observed input values corrupted in each pass.
+  config.denoise.sigma = 0.5  # Standard deviation of the added noise, in scaled units.
+  # Values that L_denoise scores: 'corrupted' (only the corrupted ones) or 'all' observed
+  # input values, which also teaches the head to pass clean values through.
+  config.denoise.positions = 'corrupted'
 
   config.loss = ml_collections.ConfigDict()
   # One of mse, mae, huber, conf_mse (Gaussian), conf_mae (Laplace), conf_huber (heuristic).

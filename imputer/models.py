@@ -10,6 +10,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class TransformerBlock(nn.Module):
@@ -82,6 +83,73 @@ class ProjectionHead(nn.Module):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
+class SensorMixer(nn.Module):
+  """Attention across sensors within each timestep, with a learned ID embedding per sensor.
+
+  Token layout: the encoder works on time tokens (one per timestep, every channel
+  concatenated), which is cheap and covers the whole window. This stage adds sensor tokens:
+  at every timestep, one token per raw input channel (each IMU channel) and one per target
+  sensor (each thermopile, each ToF sensor), so W x S tokens in all, but attention runs only
+  over the S tokens of one timestep. Tokens of one group share a value projection, so without
+  the ID embedding two thermopiles with the same reading would be the same token; the ID
+  embedding is what tells them apart inside the attention. Each token also gets the
+  encoder's output at its timestep as context. The tokens are concatenated in their fixed
+  order and projected back to one vector per timestep, which is added to the time token, so
+  the rest of the model is unchanged.
+
+  `sensors` lists (role, group, raw column indices) per token, with role 'input' or
+  'target', in a fixed order.
+  """
+
+  sensors: Sequence[tuple[str, str, tuple[int, ...]]]
+  num_heads: int
+  mlp_ratio: int
+  dropout: float
+
+  def token_values(self, role, group, columns, model_inputs, size):
+    """Return the (B, W, 3 * size) content of one token, zero-padded to the group's size."""
+    if role == 'input':
+      parts = [model_inputs['inputs'][group], model_inputs['inputs_observed'][group]]
+    else:
+      parts = [model_inputs['targets'][group], model_inputs['targets_visible'][group]]
+      if 'targets_prior' in model_inputs:
+        parts.append(model_inputs['targets_prior'][group])
+    padded = []
+    for part in parts:
+      picked = part[..., jnp.asarray(columns)].astype(jnp.float32)
+      padded.append(jnp.pad(picked, [(0, 0)] * (picked.ndim - 1) + [(0, size - len(columns))]))
+    return jnp.concatenate(padded, axis=-1)
+
+  @nn.compact
+  def __call__(self, context, model_inputs, *, train: bool):
+    batch, window, width = context.shape
+    sizes = {}
+    for role, group, columns in self.sensors:
+      sizes[(role, group)] = max(sizes.get((role, group), 0), len(columns))
+    projections = {key: nn.Dense(width, name=f'sensor_value_{key[0]}_{key[1]}') for key in sizes}
+    tokens = jnp.stack([
+        projections[(role, group)](self.token_values(role, group, columns, model_inputs,
+                                                     sizes[(role, group)]))
+        for role, group, columns in self.sensors], axis=2)  # (B, W, S, H)
+    identity = self.param('sensor_id_embedding', nn.initializers.normal(0.02),
+                          (len(self.sensors), width), jnp.float32)
+    tokens = tokens + identity + context[:, :, None, :]
+    flat = tokens.reshape(batch * window, len(self.sensors), width)
+    flat = TransformerBlock(self.num_heads, self.mlp_ratio, self.dropout)(flat, None, train=train)
+    mixed = nn.LayerNorm()(flat).reshape(batch, window, len(self.sensors) * width)
+    return nn.Dense(width, name='sensor_output')(mixed)
+
+
+def sensor_tokens(input_layouts, target_layouts) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+  """List the tokens of `SensorMixer`: one per raw input channel, one per target sensor."""
+  tokens = [('input', l.name, (c,)) for l in input_layouts for c in range(l.num_raw)]
+  for layout in target_layouts:
+    for sensor in range(layout.num_sensors):
+      columns = tuple(int(c) for c in np.flatnonzero(layout.sensor_of_raw == sensor))
+      tokens.append(('target', layout.name, columns))
+  return tuple(tokens)
+
+
 def masked_time_mean(x, valid):
   """Mean of (B, W, H) `x` over the valid timesteps of each window; 0 for an empty window."""
   weight = valid.astype(x.dtype)[..., None]
@@ -106,7 +174,7 @@ class MaskedImputer(nn.Module):
   * 'projection': the representation and {'projection': (B, projection_dim)}, its unit-length
     image under the projection head of the contrastive loss.
 
-  The last two stop before the heads, so they run with a parameter tree that holds only the
+  The last two stop before the heads, so they run with a parameter tree that contains only the
   trunk (and the projection head), as the momentum encoder's does.
   """
 
@@ -123,6 +191,11 @@ class MaskedImputer(nn.Module):
   learn_log_var: bool = False
   log_var_bound: float = 6.0
   projection_dim: int = 64
+  window: int = 64
+  positional_embedding: bool = False
+  sensors: Sequence[tuple[str, str, tuple[int, ...]]] = ()
+  inputs: Sequence[tuple[str, int]] = ()
+  denoise_head: bool = False
 
   def embed(self, model_inputs, *, train: bool):
     """Concatenate values and mask indicators per timestep and project them to H."""
@@ -131,6 +204,12 @@ class MaskedImputer(nn.Module):
       parts.extend(model_inputs[key][name].astype(jnp.float32)
                    for name in sorted(model_inputs.get(key, {})))
     x = nn.Dense(self.hidden_dim, name='input_projection')(jnp.concatenate(parts, axis=-1))
+    if self.positional_embedding:
+      # One learned vector per timestep of the window, so attention can tell where in the
+      # window a token sits beyond what the local convolution conveys.
+      position = self.param('positional_embedding', nn.initializers.normal(0.02),
+                            (self.window, self.hidden_dim), jnp.float32)
+      x = x + position[:x.shape[1]]
     # Padding becomes exact zeros, so the convolution treats it like the zero padding at the
     # window's edges, whatever the padded rows contain.
     x = x * model_inputs['valid'][..., None]
@@ -166,6 +245,10 @@ class MaskedImputer(nn.Module):
     encoder = Decoder('transformer', self.encoder_layers, self.num_heads, self.mlp_ratio,
                       self.dropout, name='encoder')
     x = encoder(x, attention_mask, train=train)
+    if self.sensors:
+      mixer = SensorMixer(self.sensors, self.num_heads, self.mlp_ratio, self.dropout,
+                          name='sensor_mixer')
+      x = x + mixer(x, model_inputs, train=train) * valid[..., None]
 
     if output not in ('recon', 'representation', 'projection'):
       raise ValueError(f"output={output!r} is unknown; use 'recon', 'representation' or "
@@ -197,6 +280,9 @@ class MaskedImputer(nn.Module):
         recon[name] = recon[name].at[..., :priors[name].shape[-1]].add(
             self.gated_prior(name, features[name], priors[name], model_inputs))
     outputs = {'recon': recon}
+    if self.denoise_head:
+      outputs['denoised'] = {name: nn.Dense(size, name=f'denoise_head_{name}')(trunk)
+                             for name, size in self.inputs}
     if self.learn_log_var:
       outputs['log_var'] = {
           name: self.log_var_bound * jnp.tanh(
@@ -206,7 +292,7 @@ class MaskedImputer(nn.Module):
     return outputs
 
 
-def build_model(config, target_layouts) -> MaskedImputer:
+def build_model(config, input_layouts, target_layouts) -> MaskedImputer:
   m = config.model
   return MaskedImputer(
       targets=tuple((l.name, l.num_features) for l in target_layouts),
@@ -214,4 +300,8 @@ def build_model(config, target_layouts) -> MaskedImputer:
       decoder_type=m.decoder_type, decoder_layers=m.decoder_layers, num_heads=m.num_heads,
       mlp_ratio=m.mlp_ratio, dropout=m.dropout, conv_kernel=m.conv_kernel,
       learn_log_var=config.loss.kind.startswith('conf_'), log_var_bound=m.log_var_bound,
-      projection_dim=config.contrastive.projection_dim)
+      projection_dim=config.contrastive.projection_dim, window=config.data.window,
+      positional_embedding=m.positional_embedding,
+      sensors=sensor_tokens(input_layouts, target_layouts) if m.sensor_embedding else (),
+      inputs=tuple((l.name, l.num_features) for l in input_layouts),
+      denoise_head=config.lambda_denoise > 0)

@@ -15,6 +15,7 @@ import numpy as np
 
 from configs import default as default_config
 from imputer import contrastive
+from imputer import denoising
 
 # Fields that change only logging, evaluation batching or checkpoint cadence, never the
 # trained parameters or the figures, so a resume may change them.
@@ -76,6 +77,13 @@ def validate(config) -> None:
   _require(a.warp_strength >= 0, 'augment.warp_strength', a.warp_strength, 'use 0 or more')
   _require(a.warp_knots >= 1, 'augment.warp_knots', a.warp_knots, 'use 1 or more')
   _require(a.jitter_sigma >= 0, 'augment.jitter_sigma', a.jitter_sigma, 'use 0 or more')
+  _require(config.lambda_denoise >= 0, 'lambda_denoise', config.lambda_denoise,
+           'use 0 or more')
+  d = config.denoise
+  _require(0.0 < d.ratio <= 1.0, 'denoise.ratio', d.ratio, 'use a value above 0 and at most 1')
+  _require(d.sigma > 0, 'denoise.sigma', d.sigma, 'use a value above 0')
+  _require(d.positions in denoising.POSITIONS, 'denoise.positions', d.positions,
+           "use 'corrupted' or 'all'")
   m = config.model
   _require(m.hidden_dim >= 1 and m.hidden_dim % m.num_heads == 0, 'model.num_heads',
            m.num_heads, f'it must divide model.hidden_dim ({m.hidden_dim})')

@@ -230,7 +230,7 @@ def build_steps(config, data: RunData, mesh) -> CompiledSteps:
   """
   sharding.check_batch_size(config.batch_size, mesh)
   num_steps = total_steps(config, len(data.train))
-  model = models.build_model(config, data.target_layouts)
+  model = models.build_model(config, data.input_layouts, data.target_layouts)
   schedule = training.make_schedule(config.optim, num_steps)
   tx = training.make_optimizer(config.optim, schedule)
   quaternions = {l.name: augment.quaternion_channels(l, data.scalers[l.name])

@@ -11,6 +11,7 @@ import optax
 
 from imputer import augment
 from imputer import contrastive
+from imputer import denoising
 from imputer import interpolation
 from imputer import losses
 from imputer import masking
@@ -128,26 +129,48 @@ class Steps:
     self.group_weights = losses.parse_group_weights(
         config.loss.group_weights, [l.name for l in target_layouts])
 
-  def loss_and_outputs(self, params, batch, hidden_raw, dropout_rng, train):
+  def loss_and_outputs(self, params, batch, hidden_raw, dropout_rng, train, denoise_rng=None):
+    """Return (L_recon, (terms, outputs)) of one masked view.
+
+    With `denoise_rng`, part of the input values are corrupted first, and the terms gain
+    L_denoise of the auxiliary head (which L_recon does not include).
+    """
     visible, weights = masked_views(batch, self.target_layouts, hidden_raw)
     inputs = model_inputs(batch, self.input_layouts, self.target_layouts, visible,
                           self.config.model.interpolation_prior)
+    if denoise_rng is not None:
+      d = self.config.denoise
+      inputs['inputs'], corrupted = denoising.corrupt(
+          denoise_rng, inputs['inputs'], inputs['inputs_observed'], batch['valid'], d.ratio,
+          d.sigma)
     rngs = {'dropout': dropout_rng} if train else {}
     outputs = self.model.apply({'params': params}, inputs, train=train, rngs=rngs)
     targets = {l.name: batch['values'][l.name] for l in self.target_layouts}
     total, terms = losses.reconstruction_loss(
         self.config.loss, outputs, targets, weights, self.group_weights)
+    terms['loss_recon'] = total
+    if denoise_rng is not None:
+      eligible = {name: inputs['inputs_observed'][name] & batch['valid'][..., None]
+                  for name in corrupted}
+      scored = corrupted if self.config.denoise.positions == 'corrupted' else eligible
+      clean = {l.name: batch['values'][l.name] for l in self.input_layouts}
+      terms['loss_denoise'], terms['count_denoise'] = denoising.denoise_loss(
+          outputs['denoised'], clean, scored)
+      terms['denoise_ratio_applied'] = (
+          sum(jnp.sum(m) for m in corrupted.values())
+          / jnp.maximum(sum(jnp.sum(m) for m in eligible.values()), 1)).astype(jnp.float32)
     return total, (terms, outputs)
 
-  def two_view_loss(self, params, batch, hidden_views, dropout_rngs, train=True):
+  def two_view_loss(self, params, batch, hidden_views, dropout_rngs, train=True,
+                    denoise_rngs=(None, None)):
     """Return L_recon averaged over two masked views plus lambda_cons * L_cons.
 
     L_cons is the MSE between the two views' reconstructions on the positions that
     `consistency.positions` selects. With `consistency.stop_gradient` the second view is a
     fixed target, so only the first view is pulled towards it.
     """
-    views = [self.loss_and_outputs(params, batch, hidden, rng, train)
-             for hidden, rng in zip(hidden_views, dropout_rngs)]
+    views = [self.loss_and_outputs(params, batch, hidden, rng, train, denoise)
+             for hidden, rng, denoise in zip(hidden_views, dropout_rngs, denoise_rngs)]
     (loss_a, (terms_a, out_a)), (loss_b, (terms_b, out_b)) = views
     recon_b = out_b['recon']
     if self.config.consistency.stop_gradient:
@@ -175,17 +198,20 @@ class Steps:
         (m.element_weight, m.sensor_weight, m.span_weight), m.span_length)
     return hidden, ratio
 
-  def reconstruction_objective(self, params, batch, step, mask_rng, dropout_rng):
+  def reconstruction_objective(self, params, batch, step, mask_rng, dropout_rng,
+                               denoise_rng=None):
     """Return (L_recon [+ lambda_cons * L_cons], (terms, hidden mask, scheduled ratio))."""
     if self.config.lambda_cons > 0:
-      # Two views: independent masks and dropout, drawn from the step's keys.
+      # Two views: independent masks, dropout and corruption, drawn from the step's keys.
       hidden_views, ratios = zip(*(self.draw_hidden(k, step, batch)
                                    for k in jax.random.split(mask_rng)))
+      denoise_rngs = (None, None) if denoise_rng is None else jax.random.split(denoise_rng)
       total, (terms, _) = self.two_view_loss(params, batch, hidden_views,
-                                             jax.random.split(dropout_rng))
+                                             jax.random.split(dropout_rng), True, denoise_rngs)
       return total, (terms, hidden_views[0], ratios[0])
     hidden, ratio = self.draw_hidden(mask_rng, step, batch)
-    total, (terms, _) = self.loss_and_outputs(params, batch, hidden, dropout_rng, True)
+    total, (terms, _) = self.loss_and_outputs(params, batch, hidden, dropout_rng, True,
+                                              denoise_rng)
     return total, (terms, hidden, ratio)
 
   def augmented_view(self, rng, batch):
@@ -215,14 +241,20 @@ class Steps:
     return loss, (metrics, keys, keep)
 
   def objective(self, params, state: TrainState, batch, step_rng):
-    """Return the total loss L_recon + lambda_cons * L_cons + lambda_contrastive * L_contrastive.
+    """Return L_recon + lambda_cons * L_cons + lambda_denoise * L_denoise
+    + lambda_contrastive * L_contrastive, with the terms that are on.
 
     The reconstruction terms draw their keys exactly as before the contrastive loss existed,
     so phases without it keep their masks and dropout.
     """
     mask_rng, dropout_rng = jax.random.split(step_rng)
+    denoise_rng = None
+    if self.config.lambda_denoise > 0:
+      denoise_rng = jax.random.fold_in(step_rng, 2)
     total, (terms, hidden, ratio) = self.reconstruction_objective(
-        params, batch, state.step, mask_rng, dropout_rng)
+        params, batch, state.step, mask_rng, dropout_rng, denoise_rng)
+    if denoise_rng is not None:
+      total = total + self.config.lambda_denoise * terms['loss_denoise']
     extra = {}
     if self.config.lambda_contrastive > 0:
       loss_c, (metrics_c, keys, keep) = self.contrastive_objective(

@@ -36,7 +36,7 @@ def read_report(workdir):
     return json.load(f)
 
 
-@pytest.mark.parametrize('config', ['configs/phase1.py', 'configs/phase3.py', 'configs/phase4.py'])
+@pytest.mark.parametrize('config', ['configs/phase1.py', 'configs/phase3.py', 'configs/phase6.py'])
 def test_cmi_csv_imu_only_and_no_return(tmp_path, config):
   frame = synthetic.generate_cmi_frame(num_subjects=4, sequences_per_subject=4, min_length=20,
                                        max_length=30, imu_only_fraction=0.25, seed=3)
@@ -79,7 +79,7 @@ def test_misspelt_config_field_is_rejected(tmp_path):
   assert 'batchsize' in result.stderr
 
 
-@pytest.mark.parametrize('preset', ['configs/bfrb_watch.py', 'configs/bfrb_watch.py:phase4'])
+@pytest.mark.parametrize('preset', ['configs/bfrb_watch.py', 'configs/bfrb_watch.py:phase6'])
 def test_watch_preset_trains_on_stream_fixture(tmp_path, preset):
   workdir = tmp_path / 'run'
   result = launch(workdir, preset, f'--config.data.path={FIXTURE}',
@@ -92,7 +92,8 @@ def test_watch_preset_trains_on_stream_fixture(tmp_path, preset):
   assert report['probe']['gesture'] is None  # The streams carry no sequence labels.
   with open(os.path.join(workdir, 'config.json')) as f:
     config = json.load(f)
-  assert config['lambda_contrastive'] == (0.1 if preset.endswith('phase4') else 0.0)
+  assert config['lambda_contrastive'] == (0.1 if preset.endswith('phase6') else 0.0)
+  assert config['model']['sensor_embedding'] == preset.endswith('phase6')
 
 
 def test_watch_preset_rejects_unknown_phase(tmp_path):
@@ -100,7 +101,7 @@ def test_watch_preset_rejects_unknown_phase(tmp_path):
                   f'--config.data.path={FIXTURE}')
   assert result.returncode != 0
   assert 'phase9' in result.stderr
-  assert 'phase0, phase1, phase2, phase3, phase4' in result.stderr
+  assert 'phase0, phase1, phase2, phase3, phase4, phase5, phase6' in result.stderr
 
 
 def train_losses(workdir):

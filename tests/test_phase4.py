@@ -30,7 +30,7 @@ def phase4_config(**overrides):
 def setup():
   config = phase4_config(**{'augment.warp_strength': 0.0, 'augment.jitter_sigma': 0.0})
   data = train.prepare_data(config)
-  model = models.build_model(config, data.target_layouts)
+  model = models.build_model(config, data.input_layouts, data.target_layouts)
   schedule = training.make_schedule(config.optim, 10)
   tx = training.make_optimizer(config.optim, schedule)
   steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config,

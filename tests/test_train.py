@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import phase1
+from imputer import augment
 from imputer import evaluation
 from imputer import models
 from imputer import sources
@@ -157,7 +158,7 @@ def test_resume_with_changed_data_is_rejected(finished_run, tmp_path):
 def test_train_step_compiles_once_and_ramps_mask():
   config = tiny_config(mask_start=0.2, mask_end=0.8, mask_epochs=1)
   data = train.prepare_data(config)
-  model = models.build_model(config, data.target_layouts)
+  model = models.build_model(config, data.input_layouts, data.target_layouts)
   schedule = training.make_schedule(config.optim, 10)
   tx = training.make_optimizer(config.optim, schedule)
   steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config,
@@ -195,16 +196,19 @@ def test_non_finite_loss_names_step_and_term():
 
 
 def one_step(config, data, state=None):
-  model = models.build_model(config, data.target_layouts)
+  model = models.build_model(config, data.input_layouts, data.target_layouts)
   schedule = training.make_schedule(config.optim, 10)
   tx = training.make_optimizer(config.optim, schedule)
+  quaternions = {l.name: augment.quaternion_channels(l, data.scalers[l.name])
+                 for l in data.input_layouts}
   steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config,
-                         steps_per_epoch=4)
+                         steps_per_epoch=4, total_steps=10, quaternions=quaternions)
   if state is None:
+    queue_size = config.contrastive.queue_size if config.lambda_contrastive > 0 else 0
     state = training.create_train_state(
         jax.random.PRNGKey(0), data.train.take(np.arange(1)), model=model, tx=tx,
         input_layouts=data.input_layouts, target_layouts=data.target_layouts,
-        prior=config.model.interpolation_prior)
+        prior=config.model.interpolation_prior, queue_size=queue_size)
   rows = train.batch_rows(0, len(data.train), config.batch_size, config.seed)
   return state, jax.jit(steps.train_step)(state, data.train.take(rows))
 
