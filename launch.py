@@ -3,8 +3,9 @@
   python launch.py --config=configs/phase1.py --workdir=runs/phase1
 
 The config file is locked: `--config.FIELD=VALUE` overrides a field and a misspelt field is
-an error. All work happens in `imputer.train.train_and_evaluate`; this file only parses flags,
-starts the distributed runtime when asked, and prints which process this is.
+an error. All work happens in `imputer.train.train_and_evaluate`, or for a config with a
+`study` (ablations or a grid) in `imputer.study`; this file only parses flags, starts the
+distributed runtime when asked, and prints which process this is.
 """
 
 import logging as pylogging
@@ -15,6 +16,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from imputer import study
+from imputer import study_results
 from imputer import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/phase1.py',
@@ -42,7 +45,14 @@ def main(argv):
     jax.distributed.initialize()
   logging.info('Process %d of %d | local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  config = _CONFIG.value
+  if config.study.ablations or config.study.grid:
+    variants = study.run_sequential(config, _WORKDIR.value, train.train_and_evaluate)
+    summary = study_results.write_outputs(_WORKDIR.value, config, variants)
+    logging.info('Study finished: best variant %s (validation R² %.4f), written to %s',
+                 summary['best'], summary['score'], summary['best_config'])
+  else:
+    train.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -156,6 +156,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.weight_decay = 1e-4  # AdamW decoupled weight decay.
   config.optim.grad_clip_norm = 1.0  # Global gradient norm clip; 0 turns it off.
 
+  # A study trains variants of this config and compares them (see imputer/study.py). With
+  # no ablations and no grid, the launch is a single ordinary run.
+  config.study = ml_collections.ConfigDict()
+  # Components removed one at a time, comma-separated: uncertainty, curriculum, consistency,
+  # contrastive, positional_embedding, sensor_embedding, denoise, shared_decoder.
+  config.study.ablations = ''
+  # Grid points as 'field=v1,v2;field=v1,v2', for example 'lambda_cons=0.05,0.2'.
+  config.study.grid = ''
+  config.study.seeds = 1  # Seeds per variant: seed, seed + 1, ...
+
   config.num_epochs = 50  # Passes over the training windows.
   config.num_train_steps = -1  # When positive, stops at min(this, num_epochs worth of steps).
   config.batch_size = 32  # Global batch; must be divisible by the number of devices.

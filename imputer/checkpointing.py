@@ -7,6 +7,7 @@ the lowest validation loss, which the evaluation report uses.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -31,7 +32,8 @@ class Checkpoints:
   @staticmethod
   def _save_args(state, scalers_json):
     return ocp.args.Composite(
-        state=ocp.args.StandardSave(state), scalers=ocp.args.JsonSave(scalers_json))
+        state=ocp.args.StandardSave(state_tree(state)),
+        scalers=ocp.args.JsonSave(scalers_json))
 
   def save(self, step: int, state, scalers_json: dict) -> None:
     self.latest.save(step, args=self._save_args(state, scalers_json))
@@ -51,8 +53,9 @@ class Checkpoints:
   @staticmethod
   def _restore(manager, step, abstract_state):
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), scalers=ocp.args.JsonRestore()))
-    return restored['state'], restored['scalers']
+        state=ocp.args.StandardRestore(state_tree(abstract_state)),
+        scalers=ocp.args.JsonRestore()))
+    return type(abstract_state)(**restored['state']), restored['scalers']
 
   def restore_latest(self, abstract_state):
     """Return (state, scalers json) of the latest checkpoint, or None when there is none."""
@@ -70,6 +73,17 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def state_tree(state) -> dict:
+  """Return the fields of a train state dataclass as a dict, leaving out those that are None.
+
+  A run without the contrastive loss has no momentum encoder or queue. Leaving those fields
+  out keeps its checkpoints identical in layout to those written before the fields existed,
+  so older workdirs still resume and re-evaluate.
+  """
+  return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
+          if getattr(state, field.name) is not None}
 
 
 def abstract_like(state):

@@ -84,6 +84,7 @@ def validate(config) -> None:
   _require(d.sigma > 0, 'denoise.sigma', d.sigma, 'use a value above 0')
   _require(d.positions in denoising.POSITIONS, 'denoise.positions', d.positions,
            "use 'corrupted' or 'all'")
+  _require(config.study.seeds >= 1, 'study.seeds', config.study.seeds, 'use 1 or more')
   m = config.model
   _require(m.hidden_dim >= 1 and m.hidden_dim % m.num_heads == 0, 'model.num_heads',
            m.num_heads, f'it must divide model.hidden_dim ({m.hidden_dim})')
@@ -103,11 +104,12 @@ def data_fingerprint(recording_set) -> str:
   return digest.hexdigest()
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """Return {'a.b.c': value} for a nested dict of config values."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
+      flat.update(flatten(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value
   return flat
@@ -129,8 +131,8 @@ def check_resume(workdir: str, config_dict: dict, fingerprint: str) -> None:
     return
   with open(path, encoding='utf-8') as f:
     saved = json.load(f)
-  before, now = _flatten(saved['config']), _flatten(config_dict)
-  defaults = _flatten(json.loads(default_config.get_config().to_json_best_effort()))
+  before, now = flatten(saved['config']), flatten(config_dict)
+  defaults = flatten(json.loads(default_config.get_config().to_json_best_effort()))
   changed = sorted(k for k in set(before) | set(now)
                    if before.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE
                    and not _added_at_default(k, before, now, defaults))

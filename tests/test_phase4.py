@@ -166,3 +166,18 @@ def test_config_rejects_small_queue():
   config = phase4_config(**{'contrastive.momentum_schedule': 'step'})
   with pytest.raises(ValueError, match="contrastive.momentum_schedule='step'"):
     run_config.validate(config)
+
+
+def test_state_without_queue_saves_no_empty_fields(setup, tmp_path):
+  _, _, _, _, state = setup
+  plain = state.replace(momentum_params=None, queue=None, queue_pointer=None,
+                        queue_filled=None)
+  assert sorted(checkpointing.state_tree(plain)) == ['opt_state', 'params', 'rng', 'step']
+  checkpoints = checkpointing.Checkpoints(str(tmp_path), 2)
+  checkpoints.save(1, plain, {})
+  checkpoints.wait()
+  restored, _ = checkpoints.restore_latest(checkpointing.abstract_like(plain))
+  checkpoints.close()
+  assert restored.queue is None
+  assert restored.momentum_params is None
+  np.testing.assert_array_equal(restored.rng, plain.rng)

@@ -48,7 +48,7 @@ def test_out_of_range_fields_are_rejected(field, value, message):
 
 
 @pytest.mark.parametrize('name', ['default', 'phase0', 'phase1', 'phase2', 'phase3',
-                                  'phase4', 'phase5', 'phase6', 'bfrb_watch'])
+                                  'phase4', 'phase5', 'phase6', 'phase7', 'bfrb_watch'])
 def test_shipped_configs_are_valid(name):
   run_config.validate(importlib.import_module(f'configs.{name}').get_config())
 
