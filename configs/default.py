@@ -119,7 +119,8 @@ def get_config() -> ml_collections.ConfigDict:
   # negative.
   config.contrastive.queue_size = 1024
   # EMA momentum m of the momentum encoder: theta_k <- m * theta_k + (1 - m) * theta_q.
-  # 'constant' keeps m; 'cosine' raises it from m at the first step to 1 at the last.
+  # 'constant' keeps m; 'cosine' raises it from m at the first step towards 1, which it
+  # reaches at step num_steps (so the last update still moves the momentum encoder a little).
   config.contrastive.momentum = 0.99
   config.contrastive.momentum_schedule = 'constant'
   config.contrastive.projection_dim = 64  # Width D of the queue keys and queries.

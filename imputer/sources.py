@@ -13,6 +13,13 @@ from imputer import synthetic
 def load_recordings(data_config) -> recordings.RecordingSet:
   """Load the recordings that `data.path` names; an empty path generates synthetic data."""
   path = data_config.path
+  if data_config.streams and not (path and os.path.isdir(path)):
+    # A preset for sensor streams that falls through to the synthetic or CMI source would
+    # train on other data than it describes.
+    raise ValueError(
+        f'data.streams describes sensor streams, but data.path={path!r} is not a folder; set '
+        '--config.data.path=FOLDER with one sub-folder per recording, or use a phase config '
+        'for CMI files and synthetic data.')
   if not path:
     s = data_config.synthetic
     return synthetic.load_synthetic(

@@ -87,8 +87,8 @@ def _parse_value(text: str, field: str, current):
       return float(text)
   except ValueError:
     raise ValueError(
-        f'study.grid: value {text!r} of {field} is not a {type(current).__name__}; write '
-        f'values like {current!r}.') from None
+        f'study.grid: value {text!r} of {field} is not of type {type(current).__name__}; '
+        f'write values like {current!r}.') from None
   return text
 
 
@@ -98,6 +98,9 @@ def parse_grid(text: str, config) -> list[tuple[str, list]]:
   for part in filter(None, (p.strip() for p in text.split(';'))):
     field, sep, values = part.partition('=')
     field = field.strip()
+    if field == 'seed' or field.startswith('study.'):
+      raise ValueError(f'study.grid: {field!r} cannot be a grid field, because the study sets '
+                       'it; use study.seeds for more seeds.')
     if not sep or not values.strip():
       raise ValueError(f'study.grid: {part!r} is not field=v1,v2; for example '
                        "'lambda_cons=0.05,0.2;lambda_denoise=0.05,0.2'.")
@@ -124,6 +127,8 @@ def _ablation_names(text: str) -> list[str]:
   unknown = [n for n in names if n not in ABLATIONS]
   if unknown:
     raise ValueError(f'study.ablations: {unknown} unknown. Use any of {", ".join(ABLATIONS)}.')
+  if len(set(names)) != len(names):
+    raise ValueError(f'study.ablations lists a component twice: {text!r}.')
   return names
 
 
@@ -140,6 +145,8 @@ def plan(config) -> list[Variant]:
     ABLATIONS[name](changed)
     variants.append(Variant(f'no_{name}', 'ablation', _differences(full, changed)))
   axes = parse_grid(config.study.grid, config)
+  if not axes:
+    return variants
   for point in itertools.product(*(values for _, values in axes)):
     changes = tuple((field, value) for (field, _), value in zip(axes, point))
     name = 'grid_' + '_'.join(f'{field}={_format_value(value)}' for field, value in changes)
@@ -177,19 +184,40 @@ def is_finished(path: str) -> bool:
   return os.path.exists(os.path.join(path, 'eval_report.json'))
 
 
+def _describe(config, variants) -> dict:
+  base = run_config.flatten(json.loads(variant_config(config, ()).to_json_best_effort()))
+  return {'seeds': config.study.seeds,
+          'base_config': {k: v for k, v in base.items()
+                          if k not in run_config.RESUME_MAY_CHANGE},
+          'variants': [{'name': v.name, 'kind': v.kind,
+                        'changes': [[k, value] for k, value in v.changes]} for v in variants]}
+
+
 def check_plan(workdir: str, config, variants) -> None:
-  """Write `study.json`, or check that an existing one describes the same study."""
-  described = {'seeds': config.study.seeds,
-               'variants': [{'name': v.name, 'kind': v.kind,
-                             'changes': [[k, v2] for k, v2 in v.changes]} for v in variants]}
+  """Write `study.json`, or check that an existing one describes the same study.
+
+  The plan covers the seeds, the variants and the base config, so a relaunch with other
+  settings cannot skip runs that were trained with the old ones.
+  """
+  described = json.loads(json.dumps(_describe(config, variants)))
   path = os.path.join(workdir, 'study.json')
   if os.path.exists(path):
     with open(path, encoding='utf-8') as f:
       saved = json.load(f)
-    if saved != json.loads(json.dumps(described)):
+    differences = []
+    if saved.get('seeds') != described['seeds']:
+      differences.append(f"study.seeds: {saved.get('seeds')} in the workdir, "
+                         f"{described['seeds']} now")
+    names = lambda plan: [v['name'] for v in plan.get('variants', [])]
+    if saved.get('variants') != described['variants']:
+      differences.append(f'variants: {names(saved)} in the workdir, {names(described)} now')
+    before, now = saved.get('base_config', {}), described['base_config']
+    differences += [f'{k}: {before.get(k)!r} in the workdir, {now.get(k)!r} now'
+                    for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if differences:
       raise ValueError(
-          f'{path} describes another study (other variants or seeds); use a new --workdir '
-          'or set study.ablations, study.grid and study.seeds back.')
+          f'{path} describes another study ({"; ".join(differences)}). Use a new --workdir, '
+          'or set those fields back to continue this study.')
     return
   os.makedirs(workdir, exist_ok=True)
   with open(path, 'w', encoding='utf-8') as f:
@@ -198,7 +226,15 @@ def check_plan(workdir: str, config, variants) -> None:
 
 def run_sequential(config, workdir: str, train_fn) -> list[Variant]:
   """Train every unfinished variant and seed one after the other; return the variants."""
+  run_config.validate(config)
   variants = plan(config)
+  # Every variant is checked before anything is trained, so a bad grid value fails in
+  # seconds instead of after the runs before it.
+  for variant in variants:
+    try:
+      run_config.validate(variant_config(config, variant.changes))
+    except ValueError as error:
+      raise ValueError(f'study variant {variant.name}: {error}') from None
   check_plan(workdir, config, variants)
   total = len(variants) * config.study.seeds
   done = 0

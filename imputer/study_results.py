@@ -47,10 +47,11 @@ def collect(workdir: str, variants, seeds: int, report: str = 'eval_report') -> 
 
 
 def _mean_std(values):
+  """Return (mean, population std) of the values that exist; std is None for one value."""
   kept = [v for v in values if v is not None]
   if not kept:
     return None, None
-  return float(np.mean(kept)), float(np.std(kept))
+  return float(np.mean(kept)), (float(np.std(kept)) if len(kept) > 1 else None)
 
 
 def summarise(per_seed: dict) -> dict:

@@ -8,7 +8,9 @@ import numpy as np
 import polars as pl
 import pytest
 
+from configs import bfrb_watch
 from imputer import features
+from imputer import sources
 from imputer import streams
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'bfrb_watch_slice')
@@ -507,3 +509,12 @@ def test_fixture_counts_repeated_timestamps(fixture_set):
     assert repeated > 0
     key = f'{group}: rows sharing a timestamp, averaged into one'
     assert fixture_set.excluded[key] == repeated
+
+
+@pytest.mark.parametrize('path', ['', 'train.csv'])
+def test_stream_preset_needs_a_folder(path):
+  config = bfrb_watch.get_config()
+  config.data.path = path
+  with pytest.raises(ValueError, match=f"data.streams describes sensor streams, but "
+                                       f"data.path='{path}' is not a folder"):
+    sources.load_recordings(config.data)

@@ -69,7 +69,7 @@ def test_variant_config_is_plain_run():
 @pytest.mark.parametrize('grid,message', [
     ('lambda_cons', 'is not field=v1,v2'),
     ('lambda_conz=0.1,0.2', "field 'lambda_conz' is not in the config"),
-    ('lambda_cons=0.1,abc', "value 'abc' of lambda_cons is not a float"),
+    ('lambda_cons=0.1,abc', "value 'abc' of lambda_cons is not of type float"),
     ('model=1,2', "'model' is a section"),
     ('lambda_cons=0.1,0.1', 'lists a value twice'),
     ('lambda_cons=0.1;lambda_cons=0.2', 'names a field twice'),
@@ -137,7 +137,7 @@ def test_study_resumes_and_skips_finished(tmp_path):
 
 def test_study_with_other_plan_is_rejected(tmp_path):
   study.run_sequential(small_study(), str(tmp_path), FakeTrainer())
-  with pytest.raises(ValueError, match='describes another study'):
+  with pytest.raises(ValueError, match='study.seeds: 2 in the workdir, 3 now'):
     study.run_sequential(small_study(**{'study.seeds': 3}), str(tmp_path), FakeTrainer())
 
 
@@ -207,3 +207,40 @@ def test_best_config_loads_and_runs(tmp_path):
       text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tmp_path / 'best_run' / 'eval_report.json').exists()
+
+
+def test_ablations_without_grid_add_no_grid_variant():
+  variants = study.plan(small_study(**{'study.grid': ''}))
+  assert [v.name for v in variants] == ['full', 'no_uncertainty', 'no_curriculum',
+                                        'no_consistency']
+
+
+@pytest.mark.parametrize('changes,message', [
+    ({'study.ablations': 'consistency,consistency'}, 'lists a component twice'),
+    ({'study.grid': 'seed=0,1'}, "'seed' cannot be a grid field"),
+    ({'study.grid': 'study.seeds=1,2'}, "'study.seeds' cannot be a grid field"),
+])
+def test_bad_study_settings_rejected(changes, message):
+  with pytest.raises(ValueError, match=message):
+    study.plan(small_study(**changes))
+
+
+def test_bad_variant_fails_before_training(tmp_path):
+  trainer = FakeTrainer()
+  config = small_study(**{'study.grid': 'contrastive.queue_size=4,64'})
+  with pytest.raises(ValueError, match=r'variant grid_contrastive.queue_size=4: '
+                                       r'contrastive.queue_size=4 is invalid'):
+    study.run_sequential(config, str(tmp_path), trainer)
+  assert trainer.trained == []
+  assert not (tmp_path / 'study.json').exists()
+  with pytest.raises(ValueError, match='study.seeds=0 is invalid'):
+    study.run_sequential(small_study(**{'study.seeds': 0}), str(tmp_path), trainer)
+
+
+def test_relaunch_with_other_base_config_rejected(tmp_path):
+  study.run_sequential(small_study(), str(tmp_path), FakeTrainer())
+  with pytest.raises(ValueError, match=r'model.hidden_dim: 64 in the workdir, 32 now'):
+    study.run_sequential(small_study(**{'model.hidden_dim': 32}), str(tmp_path),
+                         FakeTrainer())
+  # Logging cadence may change, as for a single run.
+  study.run_sequential(small_study(log_every_steps=7), str(tmp_path), FakeTrainer())
