@@ -113,10 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.lambda_contrastive = 0.0
   config.contrastive = ml_collections.ConfigDict()
   config.contrastive.temperature = 0.1  # InfoNCE temperature t: logits are cosines / t.
-  # Keys kept as negatives. It must be at least batch_size (one batch is written per step),
-  # and it should stay well below the number of training windows: a queue that spans more
-  # than an epoch contains an older key of the query's own window, which then counts as a
-  # negative.
+  # Keys kept as negatives. It must be at least batch_size, because one batch is written per
+  # step. Keep it well below the number of training windows: a queue that spans more than an
+  # epoch contains an older key of the query's own window, which then counts as a negative.
   config.contrastive.queue_size = 1024
   # EMA momentum m of the momentum encoder: theta_k <- m * theta_k + (1 - m) * theta_q.
   # 'constant' keeps m; 'cosine' raises it from m at the first step towards 1, which it

@@ -2,8 +2,8 @@
 
   python launch.py --config=configs/phase4.py --workdir=runs/phase4
 
-Two augmented IMU-only views of each window (time warp and jitter) are encoded: the online
-model gives the query, an EMA copy of its encoder and projection head gives the key, and
+Two augmented IMU-only views of each window (time warp and jitter) are encoded. The online
+model gives the query, and an EMA copy of its encoder and projection head gives the key.
 InfoNCE against a queue of earlier keys aligns them. The momentum rises towards 1 on a cosine
 schedule, so the keys change more and more slowly as training settles.
 """

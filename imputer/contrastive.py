@@ -25,9 +25,9 @@ import jax.numpy as jnp
 MOMENTUM_SCHEDULES = ('constant', 'cosine')
 
 
-def ema_update(momentum_params, online_params, m):
+def ema_update(ema_params, online_params, m):
   """Return m * momentum + (1 - m) * online, leaf by leaf (m = 0 copies the online values)."""
-  return jax.tree.map(lambda k, q: m * k + (1.0 - m) * q, momentum_params, online_params)
+  return jax.tree.map(lambda k, q: m * k + (1.0 - m) * q, ema_params, online_params)
 
 
 def momentum_at(step, base: float, schedule: str, total_steps: int):
@@ -66,9 +66,9 @@ def enqueue(queue, pointer, filled, keys, keep):
 def info_nce(queries, keys, queue, filled, temperature: float, weights):
   """InfoNCE of each query against its key, with the filled queue slots as negatives.
 
-  queries, keys: (B, D) unit vectors; queue: (K, D) unit vectors of which the first
-  `filled` slots hold keys (the queue fills from slot 0 and never empties, so filled slots
-  are always a prefix); weights: (B,) with 1 for rows that count.
+  queries and keys are (B, D) unit vectors, and weights (B,) is 1 for rows that count. The
+  queue is (K, D) unit vectors, of which the first `filled` slots contain keys (the queue
+  fills from slot 0 and never empties, so filled slots are always a prefix).
 
   loss_i = -log( exp(q_i.k_i / t) / (exp(q_i.k_i / t) + sum_j exp(q_i.n_j / t)) ), averaged
   over weighted rows. With an empty queue the loss is 0. Returns (loss, metrics) with the

@@ -87,12 +87,12 @@ class SensorMixer(nn.Module):
   """Attention across sensors within each timestep, with a learned ID embedding per sensor.
 
   Token layout: the encoder works on time tokens (one per timestep, every channel
-  concatenated), which is cheap and covers the whole window. This stage adds sensor tokens:
-  at every timestep, one token per raw input channel (each IMU channel) and one per target
-  sensor (each thermopile, each ToF sensor), so W x S tokens in all, but attention runs only
-  over the S tokens of one timestep. Tokens of one group share a value projection, so without
-  the ID embedding two thermopiles with the same reading would be the same token; the ID
-  embedding is what tells them apart inside the attention. Each token also gets the
+  concatenated), which is cheap and covers the whole window. This stage adds sensor tokens.
+  At every timestep there is one token per raw input channel (each IMU channel) and one per
+  target sensor (each thermopile, each ToF sensor). That makes W x S tokens, but attention
+  runs only over the S tokens of one timestep. Tokens of one group share a value projection,
+  so without the ID embedding two thermopiles with the same reading would be the same token.
+  The ID embedding is what tells them apart inside the attention. Each token also gets the
   encoder's output at its timestep as context. The tokens are concatenated in their fixed
   order and projected back to one vector per timestep, which is added to the time token, so
   the rest of the model is unchanged.

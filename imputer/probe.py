@@ -28,7 +28,7 @@ FALLBACK_ALPHA = 1.0
 # A feature whose standard deviation over the training rows is below this is only centred.
 MIN_FEATURE_STD = 1e-8
 
-# Windows processed at once when averaging over time. Each float64 copy then holds at most
+# Windows processed at once when averaging over time. Each float64 copy then contains at most
 # ROW_CHUNK * W * F values, about 170 MB for 320 ToF channels and W=64.
 ROW_CHUNK = 1024
 

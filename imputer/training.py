@@ -24,19 +24,19 @@ class TrainState:
   `rng` is the run's base key. Each step folds its own key from it with `step`, so a resumed
   run draws the same masks and dropout as an uninterrupted one.
 
-  With the contrastive loss on, `momentum_params` holds the momentum encoder: a separate
-  copy of the trunk and projection-head entries of `params`, never the same buffers.
-  `queue` (K, D) holds unit-length keys, `queue_pointer` the next slot to write and
-  `queue_filled` how many slots hold a key. Without it the four fields are None.
+  With the contrastive loss on, `ema_params` is the momentum encoder: a separate copy
+  of the trunk and projection-head entries of `params`, never the same buffers. `queue`
+  (K, D) contains unit-length keys, `queue_ptr` is the next slot to write and
+  `queue_filled` counts the slots that contain a key. Without it the four fields are None.
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
-  momentum_params: Any = None
+  ema_params: Any = None
   queue: Any = None
-  queue_pointer: Any = None
+  queue_ptr: Any = None
   queue_filled: Any = None
 
 
@@ -232,7 +232,7 @@ class Steps:
     view_a, view_b = (self.augmented_view(k, batch) for k in jax.random.split(view_rng))
     queries = self.model.apply({'params': params}, view_a, train=True,
                                rngs={'dropout': dropout_rng}, output='projection')['projection']
-    keys = self.model.apply({'params': state.momentum_params}, view_b, train=False,
+    keys = self.model.apply({'params': state.ema_params}, view_b, train=False,
                             output='projection')['projection']
     keys = jax.lax.stop_gradient(keys)
     keep = batch['valid'].any(axis=-1)
@@ -268,13 +268,13 @@ class Steps:
     """Move the momentum encoder towards the updated online parameters, then enqueue keys."""
     c = self.config.contrastive
     m = contrastive.momentum_at(state.step, c.momentum, c.momentum_schedule, self.total_steps)
-    online = {name: params[name] for name in state.momentum_params}
-    momentum_params = contrastive.ema_update(state.momentum_params, online, m)
+    online = {name: params[name] for name in state.ema_params}
+    ema_params = contrastive.ema_update(state.ema_params, online, m)
     queue, pointer, filled = contrastive.enqueue(
-        state.queue, state.queue_pointer, state.queue_filled, extra['keys'], extra['keep'])
+        state.queue, state.queue_ptr, state.queue_filled, extra['keys'], extra['keep'])
     metrics = {'momentum': m,
                'queue_fill': state.queue_filled.astype(jnp.float32) / state.queue.shape[0]}
-    return dict(momentum_params=momentum_params, queue=queue, queue_pointer=pointer,
+    return dict(ema_params=ema_params, queue=queue, queue_ptr=pointer,
                 queue_filled=filled), metrics
 
   def train_step(self, state: TrainState, batch):
@@ -333,8 +333,8 @@ def create_train_state(rng, example_batch, *, model, tx, input_layouts, target_l
     # A copy: the momentum encoder must own its buffers, or an update of one would be
     # an update of the other (and donating the state would donate one buffer twice).
     extra = dict(
-        momentum_params=jax.tree.map(jnp.copy, {name: params[name] for name in trunk}),
+        ema_params=jax.tree.map(jnp.copy, {name: params[name] for name in trunk}),
         queue=jnp.zeros((queue_size, model.projection_dim), jnp.float32),
-        queue_pointer=jnp.zeros((), jnp.int32), queue_filled=jnp.zeros((), jnp.int32))
+        queue_ptr=jnp.zeros((), jnp.int32), queue_filled=jnp.zeros((), jnp.int32))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=state_rng, **extra)

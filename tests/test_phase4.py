@@ -51,15 +51,15 @@ def batch(data, config, step):
 
 def test_momentum_encoder_copies_trunk(setup):
   _, _, _, _, state = setup
-  assert set(state.momentum_params) == {'input_projection', 'local_conv', 'encoder',
+  assert set(state.ema_params) == {'input_projection', 'local_conv', 'encoder',
                                         'shared_decoder', 'projection_head'}
   assert 'projection_head' in state.params
-  for name, subtree in state.momentum_params.items():
+  for name, subtree in state.ema_params.items():
     for kept, online in zip(jax.tree.leaves(subtree), jax.tree.leaves(state.params[name])):
       np.testing.assert_array_equal(kept, online)
       assert kept.unsafe_buffer_pointer() != online.unsafe_buffer_pointer()
   assert state.queue.shape == (20, 64)
-  assert (int(state.queue_pointer), int(state.queue_filled)) == (0, 0)
+  assert (int(state.queue_ptr), int(state.queue_filled)) == (0, 0)
 
 
 def test_steps_fill_queue_and_ema(setup):
@@ -67,31 +67,35 @@ def test_steps_fill_queue_and_ema(setup):
   first = batch(data, config, 0)
   before = jax.device_get(state)
   state, metrics = step(state, first)
+
   # With no warp and no jitter, view B is the IMU-only input itself, so the queue's first
   # rows are the old momentum encoder's keys of the batch, in row order.
   inputs = training.imu_only_inputs(
       first['valid'], {l.name: first['values'][l.name] for l in data.input_layouts},
       {l.name: first['observed'][l.name] for l in data.input_layouts}, data.target_layouts,
       config.model.interpolation_prior)
-  keys = model.apply({'params': before.momentum_params}, inputs, output='projection')
+  keys = model.apply({'params': before.ema_params}, inputs, output='projection')
   np.testing.assert_allclose(state.queue[:8], keys['projection'], atol=1e-5)
   np.testing.assert_array_equal(state.queue[8:], 0.0)
-  assert (int(state.queue_pointer), int(state.queue_filled)) == (8, 8)
+  assert (int(state.queue_ptr), int(state.queue_filled)) == (8, 8)
+
   # theta_k <- m * theta_k + (1 - m) * theta_q with the updated online parameters.
-  for name in before.momentum_params:
-    for old, new, online in zip(jax.tree.leaves(before.momentum_params[name]),
-                                jax.tree.leaves(state.momentum_params[name]),
+  for name in before.ema_params:
+    for old, new, online in zip(jax.tree.leaves(before.ema_params[name]),
+                                jax.tree.leaves(state.ema_params[name]),
                                 jax.tree.leaves(state.params[name])):
       np.testing.assert_allclose(new, 0.9 * old + 0.1 * np.asarray(online), atol=1e-6)
   assert float(metrics['queue_fill']) == 0.0
   assert abs(float(metrics['loss_contrastive'])) < 1e-6  # No negatives yet.
+
   fills = []
   for i in (1, 2):
     state, metrics = step(state, batch(data, config, i))
     fills.append(float(metrics['queue_fill']))
   np.testing.assert_allclose(fills, [0.4, 0.8], rtol=1e-6)
+
   # 24 keys into 20 slots: the last batch wrapped, so the pointer is at 4 and all is filled.
-  assert (int(state.queue_pointer), int(state.queue_filled)) == (4, 20)
+  assert (int(state.queue_ptr), int(state.queue_filled)) == (4, 20)
   np.testing.assert_allclose(np.linalg.norm(state.queue, axis=1), 1.0, atol=1e-5)
   assert float(metrics['loss_contrastive']) > 0.0
   assert -1.0 <= float(metrics['contrastive_negative_cosine']) <= 1.0
@@ -117,7 +121,7 @@ def test_queue_checkpoint_round_trip(setup, tmp_path):
   for (path, value), (_, got) in zip(saved, loaded):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(value),
                                   err_msg=jax.tree_util.keystr(path))
-  assert int(restored.queue_pointer) == 4
+  assert int(restored.queue_ptr) == 4
 
 
 def test_two_devices_match_state(tmp_path):
@@ -137,7 +141,7 @@ def test_two_devices_match_state(tmp_path):
   # devices. Every other leaf must match.
   names = [n for n in results[1] if n != 'devices' and "['key']['bias']" not in n]
   assert any('queue' in n for n in names)
-  assert any('momentum_params' in n for n in names)
+  assert any('ema_params' in n for n in names)
   for name in names:
     np.testing.assert_allclose(results[2][name], results[1][name], rtol=2e-4, atol=2e-5,
                                err_msg=name)
@@ -170,7 +174,7 @@ def test_config_rejects_small_queue():
 
 def test_state_without_queue_saves_no_empty_fields(setup, tmp_path):
   _, _, _, _, state = setup
-  plain = state.replace(momentum_params=None, queue=None, queue_pointer=None,
+  plain = state.replace(ema_params=None, queue=None, queue_ptr=None,
                         queue_filled=None)
   assert sorted(checkpointing.state_tree(plain)) == ['opt_state', 'params', 'rng', 'step']
   checkpoints = checkpointing.Checkpoints(str(tmp_path), 2)
@@ -179,5 +183,5 @@ def test_state_without_queue_saves_no_empty_fields(setup, tmp_path):
   restored, _ = checkpoints.restore_latest(checkpointing.abstract_like(plain))
   checkpoints.close()
   assert restored.queue is None
-  assert restored.momentum_params is None
+  assert restored.ema_params is None
   np.testing.assert_array_equal(restored.rng, plain.rng)
