@@ -8,7 +8,7 @@ Searle et al., MobileHCI 2021), each with accLabeled.csv, gyrLabeled.csv, ppgLab
 hrmLabeled.csv. Participants are the subjects, so whole participants are held out.
 
 The text after the colon names the phase config that the preset starts from (phase0 to
-phase6; phase1, the shared decoder with conf_mae, when omitted). The preset changes only the
+phase7; phase1, the shared decoder with conf_mae, when omitted). With phase7 it is a study. The preset changes only the
 data and the number of epochs, so every phase trains on the watch with its own settings.
 """
 
@@ -16,7 +16,7 @@ import importlib
 
 import ml_collections
 
-PHASES = ('phase0', 'phase1', 'phase2', 'phase3', 'phase4', 'phase5', 'phase6')
+PHASES = ('phase0', 'phase1', 'phase2', 'phase3', 'phase4', 'phase5', 'phase6', 'phase7')
 
 
 def stream(file, columns, role, features='raw', missing_values='', max_gap_ms=150.0):

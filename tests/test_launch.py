@@ -101,7 +101,7 @@ def test_watch_preset_rejects_unknown_phase(tmp_path):
                   f'--config.data.path={FIXTURE}')
   assert result.returncode != 0
   assert 'phase9' in result.stderr
-  assert 'phase0, phase1, phase2, phase3, phase4, phase5, phase6' in result.stderr
+  assert 'phase0, phase1, phase2, phase3, phase4, phase5, phase6, phase7' in result.stderr
 
 
 def train_losses(workdir):
