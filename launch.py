@@ -4,11 +4,13 @@
 
 The config file is locked: `--config.FIELD=VALUE` overrides a field and a misspelt field is
 an error. All work happens in `imputer.train.train_and_evaluate`, or for a config with a
-`study` (ablations or a grid) in `imputer.study`; this file only parses flags, starts the
+`study` (ablations or a grid) in `imputer.study` and `imputer.side_by_side`; this file only
+parses flags, starts the
 distributed runtime when asked, and prints which process this is.
 """
 
 import logging as pylogging
+import os
 
 from absl import app
 from absl import flags
@@ -16,6 +18,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from imputer import side_by_side
 from imputer import study
 from imputer import study_results
 from imputer import train
@@ -47,7 +50,16 @@ def main(argv):
                jax.local_devices())
   config = _CONFIG.value
   if config.study.ablations or config.study.grid:
-    variants = study.run_sequential(config, _WORKDIR.value, train.train_and_evaluate)
+    # The runs of a study compile many identical programs (every evaluation of variants that
+    # share a model), so their compiled forms are kept on disk and reused.
+    if not jax.config.jax_compilation_cache_dir:
+      jax.config.update('jax_compilation_cache_dir',
+                        os.path.join(os.path.abspath(_WORKDIR.value), 'xla_cache'))
+      logging.info('XLA compilation cache: %s', jax.config.jax_compilation_cache_dir)
+    if config.study.mode == 'sequential':
+      variants = study.run_sequential(config, _WORKDIR.value, train.train_and_evaluate)
+    else:
+      variants = side_by_side.run(config, _WORKDIR.value)
     summary = study_results.write_outputs(_WORKDIR.value, config, variants)
     logging.info('Study finished: best variant %s (validation R² %.4f), written to %s',
                  summary['best'], summary['score'], summary['best_config'])

@@ -165,6 +165,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Grid points as 'field=v1,v2;field=v1,v2', for example 'lambda_cons=0.05,0.2'.
   config.study.grid = ''
   config.study.seeds = 1  # Seeds per variant: seed, seed + 1, ...
+  # 'side_by_side' trains the variants that differ only in loss weights, the Huber delta, the
+  # momentum, the mask schedule or the positional embedding together, one compiled step per
+  # seed (see imputer/side_by_side.py); 'sequential' trains one variant after the other.
+  config.study.mode = 'side_by_side'
+  config.study.group_size = 0  # Most variants per side-by-side group; 0 puts no limit.
 
   config.num_epochs = 50  # Passes over the training windows.
   config.num_train_steps = -1  # When positive, stops at min(this, num_epochs worth of steps).

@@ -7,6 +7,12 @@ point, each with `study.seeds` seeds on the same folds. It then writes results.c
 results.md, ablations.png, a heatmap per pair of grid fields and best_config.py into the
 workdir (see imputer/study.py). Launching it again skips the finished runs.
 
+By default the variants that differ only in loss weights, the mask schedule or the
+positional embedding train side by side, one compiled step per seed (imputer/side_by_side.py):
+here the full model, five ablations and the 16 grid points. The uncertainty, sensor-embedding
+and shared-decoder ablations change the model or the loss kind and train in groups of their
+own. --config.study.mode=sequential trains every run on its own instead.
+
 A smaller study, for example:
 
   python launch.py --config=configs/phase7.py --workdir=runs/small \\

@@ -26,21 +26,24 @@ SCENARIOS = ('random_mask', 'imu_only')
 
 
 def make_predict_fns(steps, config):
-  """Return the two scenario functions (params, batch, key) -> (metrics, recon, hidden)."""
+  """Return the two scenario functions (params, batch, key) -> (metrics, recon, hidden).
+
+  Each also takes the `hyper` dict of a side-by-side variant (see `training.Steps`).
+  """
   layouts = steps.target_layouts
 
-  def random_mask(params, batch, key):
+  def random_mask(params, batch, key, hyper=None):
     batch_size, window = batch['valid'].shape
     hidden = masking.sample_hidden(key, layouts, batch_size, window, config.mask.eval_ratio, 0.0)
-    metrics, recon = steps.evaluate(params, batch, hidden)
+    metrics, recon = steps.evaluate(params, batch, hidden, hyper)
     return metrics, recon, hidden
 
-  def imu_only(params, batch, key):
+  def imu_only(params, batch, key, hyper=None):
     # Every unit is hidden (probability 1). Drawing the all-true mask from the key keeps it a
     # run-time value: as a constant, XLA would spend tens of seconds folding the
     # interpolation prior of the ToF group at compile time.
     hidden = masking.sample_hidden(key, layouts, *batch['valid'].shape, 1.0, 0.0)
-    metrics, recon = steps.evaluate(params, batch, hidden)
+    metrics, recon = steps.evaluate(params, batch, hidden, hyper)
     return metrics, recon, hidden
 
   return {'random_mask': random_mask, 'imu_only': imu_only}

@@ -63,9 +63,11 @@ def confidence_weighted(kind: str, loss, log_var, count):
   return jnp.where(count > 0, value, 0.0)
 
 
-def reconstruction_loss(config_loss, outputs, targets, weights, group_weights):
+def reconstruction_loss(config_loss, outputs, targets, weights, group_weights,
+                        huber_delta=None):
   """Return (total, terms) over target groups.
 
+  `huber_delta` overrides `config_loss.huber_delta` (an array in a side-by-side study).
   `outputs` is the model output ({'recon': {g: (B, W, F)}, optionally 'log_var'}), `targets`
   and `weights` map each group to (B, W, F) values and 0/1 scoring masks. `terms` holds, per
   group, the plain masked loss, the count and, for conf_ kinds, the weighted loss and s.
@@ -74,7 +76,8 @@ def reconstruction_loss(config_loss, outputs, targets, weights, group_weights):
   total = jnp.zeros((), jnp.float32)
   terms = {}
   for name, target in targets.items():
-    error = elementwise_error(kind, outputs['recon'][name], target, config_loss.huber_delta)
+    delta = config_loss.huber_delta if huber_delta is None else huber_delta
+    error = elementwise_error(kind, outputs['recon'][name], target, delta)
     loss, count = masked_mean(error, weights[name])
     terms[f'loss_recon_{name}'] = loss
     terms[f'count_{name}'] = count

@@ -28,7 +28,11 @@ def scheduled_ratio(step, start: float, end: float, ramp_steps: int) -> jax.Arra
 
   After the ramp, and throughout when `ramp_steps` is 0, the ratio is `end`. A jnp function of
   the step, so a schedule never recompiles the step and a resumed run continues the ramp.
+  The three settings may also be arrays, one value per variant of a side-by-side study.
   """
+  if not isinstance(ramp_steps, (int, np.integer)):
+    progress = jnp.clip(jnp.asarray(step, jnp.float32) / jnp.maximum(ramp_steps, 1), 0.0, 1.0)
+    return start + (end - start) * jnp.where(ramp_steps > 0, progress, 1.0)
   progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(ramp_steps, 1), 0.0, 1.0)
   if ramp_steps == 0:
     progress = jnp.ones_like(progress)

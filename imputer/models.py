@@ -209,7 +209,9 @@ class MaskedImputer(nn.Module):
       # window a token sits beyond what the local convolution conveys.
       position = self.param('positional_embedding', nn.initializers.normal(0.02),
                             (self.window, self.hidden_dim), jnp.float32)
-      x = x + position[:x.shape[1]]
+      # A side-by-side study switches the embedding off for some variants with a 0 multiplier.
+      scale = model_inputs.get('positional_scale')
+      x = x + (position[:x.shape[1]] if scale is None else scale * position[:x.shape[1]])
     # Padding becomes exact zeros, so the convolution treats it like the zero padding at the
     # window's edges, whatever the padded rows contain.
     x = x * model_inputs['valid'][..., None]

@@ -17,10 +17,12 @@ from configs import default as default_config
 from imputer import contrastive
 from imputer import denoising
 
-# Fields that change only logging, evaluation batching or checkpoint cadence, never the
-# trained parameters or the figures, so a resume may change them.
+# Fields that change only logging, evaluation batching, checkpoint cadence or how a study
+# schedules its variants, never the trained parameters or the figures beyond float
+# rounding, so a resume may change them.
 RESUME_MAY_CHANGE = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-                     'max_checkpoints_to_keep', 'eval_batch_size')
+                     'max_checkpoints_to_keep', 'eval_batch_size', 'study.mode',
+                     'study.group_size')
 
 RUN_FILE = 'run.json'
 
@@ -85,6 +87,10 @@ def validate(config) -> None:
   _require(d.positions in denoising.POSITIONS, 'denoise.positions', d.positions,
            "use 'corrupted' or 'all'")
   _require(config.study.seeds >= 1, 'study.seeds', config.study.seeds, 'use 1 or more')
+  _require(config.study.mode in ('side_by_side', 'sequential'), 'study.mode',
+           config.study.mode, "use 'side_by_side' or 'sequential'")
+  _require(config.study.group_size >= 0, 'study.group_size', config.study.group_size,
+           'use 0 (no limit) or more')
   m = config.model
   _require(m.hidden_dim >= 1 and m.hidden_dim % m.num_heads == 0, 'model.num_heads',
            m.num_heads, f'it must divide model.hidden_dim ({m.hidden_dim})')

@@ -224,18 +224,26 @@ def check_plan(workdir: str, config, variants) -> None:
     json.dump(described, f, indent=2)
 
 
-def run_sequential(config, workdir: str, train_fn) -> list[Variant]:
-  """Train every unfinished variant and seed one after the other; return the variants."""
+def checked_plan(config, workdir: str) -> list[Variant]:
+  """Return the study's variants after validating each and checking the workdir's plan.
+
+  Every variant is checked before anything is trained, so a bad grid value fails in seconds
+  instead of after the runs before it.
+  """
   run_config.validate(config)
   variants = plan(config)
-  # Every variant is checked before anything is trained, so a bad grid value fails in
-  # seconds instead of after the runs before it.
   for variant in variants:
     try:
       run_config.validate(variant_config(config, variant.changes))
     except ValueError as error:
       raise ValueError(f'study variant {variant.name}: {error}') from None
   check_plan(workdir, config, variants)
+  return variants
+
+
+def run_sequential(config, workdir: str, train_fn) -> list[Variant]:
+  """Train every unfinished variant and seed one after the other; return the variants."""
+  variants = checked_plan(config, workdir)
   total = len(variants) * config.study.seeds
   done = 0
   for variant in variants:

@@ -222,13 +222,8 @@ class CompiledSteps:
   num_steps: int
 
 
-def build_steps(config, data: RunData, mesh) -> CompiledSteps:
-  """Build the model, optimizer and initial state, and jit the steps over `mesh`.
-
-  The state is replicated and batches are split along the `data` axis; the train step
-  donates its input state.
-  """
-  sharding.check_batch_size(config.batch_size, mesh)
+def make_steps(config, data: RunData) -> tuple[training.Steps, int]:
+  """Return the model's Steps for `config` on `data`, and the run's length in steps."""
   num_steps = total_steps(config, len(data.train))
   model = models.build_model(config, data.input_layouts, data.target_layouts)
   schedule = training.make_schedule(config.optim, num_steps)
@@ -238,17 +233,40 @@ def build_steps(config, data: RunData, mesh) -> CompiledSteps:
   steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config,
                          steps_per_epoch=max(len(data.train) // config.batch_size, 1),
                          total_steps=num_steps, quaternions=quaternions)
+  return steps, num_steps
+
+
+def warn_about_queue(config, data: RunData) -> None:
   queue_size = config.contrastive.queue_size if config.lambda_contrastive > 0 else 0
   if queue_size > len(data.train):
     logging.warning(
         'contrastive.queue_size=%d is larger than the %d training windows, so the queue holds '
         "older keys of a query's own window as negatives; lower contrastive.queue_size.",
         queue_size, len(data.train))
-  replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+
+
+def state_initializer(steps: training.Steps, data: RunData):
+  """Return (init(key, example) -> step-0 TrainState, a one-window example batch)."""
+  config = steps.config
+  queue_size = config.contrastive.queue_size if config.lambda_contrastive > 0 else 0
   example = jax.tree.map(lambda x: x[:1], data.train.take(np.arange(1)))
-  init = functools.partial(training.create_train_state, model=model, tx=tx,
+  init = functools.partial(training.create_train_state, model=steps.model, tx=steps.tx,
                            input_layouts=data.input_layouts, target_layouts=data.target_layouts,
                            prior=config.model.interpolation_prior, queue_size=queue_size)
+  return init, example
+
+
+def build_steps(config, data: RunData, mesh) -> CompiledSteps:
+  """Build the model, optimizer and initial state, and jit the steps over `mesh`.
+
+  The state is replicated and batches are split along the `data` axis; the train step
+  donates its input state.
+  """
+  sharding.check_batch_size(config.batch_size, mesh)
+  steps, num_steps = make_steps(config, data)
+  replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  warn_about_queue(config, data)
+  init, example = state_initializer(steps, data)
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed), example)
   train_step = jax.jit(steps.train_step, in_shardings=(replicated, batched),
                        out_shardings=(replicated, replicated), donate_argnums=0)
@@ -256,6 +274,26 @@ def build_steps(config, data: RunData, mesh) -> CompiledSteps:
                  for name, fn in evaluation.make_predict_fns(steps, config).items()}
   represent_fn = jax.jit(steps.represent, in_shardings=(replicated, batched))
   return CompiledSteps(state, train_step, predict_fns, represent_fn, num_steps)
+
+
+def open_workdir(config, workdir: str, data: RunData) -> dict:
+  """Check that `workdir` holds no other run, write its run files and return the scalers.
+
+  run.json (config and data fingerprint, checked on resume), config.json and scalers.json are
+  written by process 0 only.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  config_dict = json.loads(config.to_json_best_effort())
+  fingerprint = run_config.data_fingerprint(data.recording_set)
+  run_config.check_resume(workdir, config_dict, fingerprint)
+  scalers_json = scaling.scalers_to_json(data.scalers)
+  if jax.process_index() == 0:
+    run_config.write_run_file(workdir, config_dict, fingerprint)
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, 'scalers.json'), 'w', encoding='utf-8') as f:
+      json.dump(scalers_json, f)
+  return scalers_json
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -266,16 +304,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Data, and the check that this workdir contains no other run.
   run_config.validate(config)
   data = prepare_data(config)
-  config_dict = json.loads(config.to_json_best_effort())
-  fingerprint = run_config.data_fingerprint(data.recording_set)
-  run_config.check_resume(workdir, config_dict, fingerprint)
-  scalers_json = scaling.scalers_to_json(data.scalers)
-  if is_main:
-    run_config.write_run_file(workdir, config_dict, fingerprint)
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, 'scalers.json'), 'w', encoding='utf-8') as f:
-      json.dump(scalers_json, f)
+  scalers_json = open_workdir(config, workdir, data)
 
   # Model, optimizer and compiled steps.
   mesh = sharding.make_mesh()

@@ -7,6 +7,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from imputer import augment
@@ -94,6 +95,25 @@ def imu_only_inputs(valid, input_values, input_observed, target_layouts, prior: 
   return inputs
 
 
+def select(condition, on, off):
+  """Return `on` where `condition` holds and `off` elsewhere, leaf by leaf.
+
+  A Python bool picks one tree at trace time, so a single run's graph contains only what it
+  uses. An array condition (one variant's setting in a side-by-side study) selects with
+  jnp.where, so the unselected tree gets no gradient.
+  """
+  if isinstance(condition, (bool, np.bool_)):
+    return on if condition else off
+  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on, off)
+
+
+def with_scales(inputs, hyper):
+  """Add the positional-embedding multiplier of a side-by-side variant to model inputs."""
+  if 'positional_scale' in hyper:
+    inputs = {**inputs, 'positional_scale': hyper['positional_scale']}
+  return inputs
+
+
 def masked_views(batch, target_layouts, hidden_raw):
   """Return (visible raw masks, scoring weights per feature) for a drawn hidden mask."""
   visible, weights = {}, {}
@@ -112,6 +132,12 @@ class Steps:
 
   `train_step(state, batch)` and `evaluate(params, batch, hidden_raw)` are plain functions of
   arrays; the caller compiles them with `jax.jit` and the shardings of its mesh.
+
+  The loss weights and the other settings in `hyper_defaults` come from the config as Python
+  numbers. A side-by-side study passes them instead as a `hyper` dict of arrays, one value per
+  variant under `jax.vmap`, and may add 'positional_scale' (0 switches the positional
+  embedding off). The config then only decides which terms are computed at all; a variant
+  whose weight is 0 gets exactly the objective of a config without the term.
   """
 
   def __init__(self, model, tx, schedule, input_layouts, target_layouts, config,
@@ -129,25 +155,39 @@ class Steps:
     self.group_weights = losses.parse_group_weights(
         config.loss.group_weights, [l.name for l in target_layouts])
 
-  def loss_and_outputs(self, params, batch, hidden_raw, dropout_rng, train, denoise_rng=None):
+  def hyper_defaults(self) -> dict:
+    """Return the settings a side-by-side variant may override, as the config gives them."""
+    c = self.config
+    return {'lambda_cons': c.lambda_cons, 'lambda_denoise': c.lambda_denoise,
+            'lambda_contrastive': c.lambda_contrastive, 'huber_delta': c.loss.huber_delta,
+            'momentum': c.contrastive.momentum, 'mask_start': c.mask_start,
+            'mask_end': c.mask_end, 'mask_ramp_steps': self.mask_ramp_steps}
+
+  def _hyper(self, hyper):
+    return {**self.hyper_defaults(), **(hyper or {})}
+
+  def loss_and_outputs(self, params, batch, hidden_raw, dropout_rng, train, denoise_rng=None,
+                       hyper=None):
     """Return (L_recon, (terms, outputs)) of one masked view.
 
-    With `denoise_rng`, part of the input values are corrupted first, and the terms gain
-    L_denoise of the auxiliary head (which L_recon does not include).
+    With `denoise_rng`, part of the input values are corrupted first (when lambda_denoise > 0),
+    and the terms gain L_denoise of the auxiliary head (which L_recon does not include).
     """
+    hyper = self._hyper(hyper)
     visible, weights = masked_views(batch, self.target_layouts, hidden_raw)
-    inputs = model_inputs(batch, self.input_layouts, self.target_layouts, visible,
-                          self.config.model.interpolation_prior)
+    inputs = with_scales(model_inputs(batch, self.input_layouts, self.target_layouts, visible,
+                                      self.config.model.interpolation_prior), hyper)
     if denoise_rng is not None:
       d = self.config.denoise
-      inputs['inputs'], corrupted = denoising.corrupt(
+      noisy, corrupted = denoising.corrupt(
           denoise_rng, inputs['inputs'], inputs['inputs_observed'], batch['valid'], d.ratio,
           d.sigma)
+      inputs['inputs'] = select(hyper['lambda_denoise'] > 0, noisy, inputs['inputs'])
     rngs = {'dropout': dropout_rng} if train else {}
     outputs = self.model.apply({'params': params}, inputs, train=train, rngs=rngs)
     targets = {l.name: batch['values'][l.name] for l in self.target_layouts}
     total, terms = losses.reconstruction_loss(
-        self.config.loss, outputs, targets, weights, self.group_weights)
+        self.config.loss, outputs, targets, weights, self.group_weights, hyper['huber_delta'])
     terms['loss_recon'] = total
     if denoise_rng is not None:
       eligible = {name: inputs['inputs_observed'][name] & batch['valid'][..., None]
@@ -162,14 +202,16 @@ class Steps:
     return total, (terms, outputs)
 
   def two_view_loss(self, params, batch, hidden_views, dropout_rngs, train=True,
-                    denoise_rngs=(None, None)):
+                    denoise_rngs=(None, None), hyper=None):
     """Return L_recon averaged over two masked views plus lambda_cons * L_cons.
 
     L_cons is the MSE between the two views' reconstructions on the positions that
     `consistency.positions` selects. With `consistency.stop_gradient` the second view is a
-    fixed target, so only the first view is pulled towards it.
+    fixed target, so only the first view is pulled towards it. A side-by-side variant with
+    lambda_cons = 0 gets the first view's L_recon alone, as a one-view config would.
     """
-    views = [self.loss_and_outputs(params, batch, hidden, rng, train, denoise)
+    hyper = self._hyper(hyper)
+    views = [self.loss_and_outputs(params, batch, hidden, rng, train, denoise, hyper)
              for hidden, rng, denoise in zip(hidden_views, dropout_rngs, denoise_rngs)]
     (loss_a, (terms_a, out_a)), (loss_b, (terms_b, out_b)) = views
     recon_b = out_b['recon']
@@ -185,13 +227,17 @@ class Steps:
     loss_cons, count_cons = losses.consistency_loss(out_a['recon'], recon_b, positions)
     terms = jax.tree.map(lambda a, b: 0.5 * (a + b), terms_a, terms_b)
     terms.update(loss_cons=loss_cons, count_cons=count_cons)
-    total = 0.5 * (loss_a + loss_b) + self.config.lambda_cons * loss_cons
+    total = 0.5 * (loss_a + loss_b) + hyper['lambda_cons'] * loss_cons
+    on = hyper['lambda_cons'] > 0
+    total = select(on, total, loss_a)
+    terms = select(on, terms, {**terms_a, 'loss_cons': loss_cons, 'count_cons': count_cons})
     return total, (terms, out_a)
 
-  def draw_hidden(self, rng, step, batch):
+  def draw_hidden(self, rng, step, batch, hyper=None):
+    hyper = self._hyper(hyper)
     batch_size, window = batch['valid'].shape
-    ratio = masking.scheduled_ratio(step, self.config.mask_start, self.config.mask_end,
-                                    self.mask_ramp_steps)
+    ratio = masking.scheduled_ratio(step, hyper['mask_start'], hyper['mask_end'],
+                                    hyper['mask_ramp_steps'])
     m = self.config.mask
     hidden = masking.sample_hidden(
         rng, self.target_layouts, batch_size, window, ratio, m.imu_only_prob,
@@ -199,29 +245,37 @@ class Steps:
     return hidden, ratio
 
   def reconstruction_objective(self, params, batch, step, mask_rng, dropout_rng,
-                               denoise_rng=None):
+                               denoise_rng=None, hyper=None):
     """Return (L_recon [+ lambda_cons * L_cons], (terms, hidden mask, scheduled ratio))."""
+    hyper = self._hyper(hyper)
     if self.config.lambda_cons > 0:
-      # Two views: independent masks, dropout and corruption, drawn from the step's keys.
-      hidden_views, ratios = zip(*(self.draw_hidden(k, step, batch)
-                                   for k in jax.random.split(mask_rng)))
-      denoise_rngs = (None, None) if denoise_rng is None else jax.random.split(denoise_rng)
-      total, (terms, _) = self.two_view_loss(params, batch, hidden_views,
-                                             jax.random.split(dropout_rng), True, denoise_rngs)
+      # Two views: independent masks, dropout and corruption, drawn from the step's keys. A
+      # side-by-side variant with lambda_cons = 0 draws its first view with the one-view keys.
+      one_view = hyper['lambda_cons'] <= 0
+      def keys(rng):
+        a, b = jax.random.split(rng)
+        return select(one_view, rng, a), b
+      hidden_views, ratios = zip(*(self.draw_hidden(k, step, batch, hyper)
+                                   for k in keys(mask_rng)))
+      denoise_rngs = (None, None) if denoise_rng is None else keys(denoise_rng)
+      total, (terms, _) = self.two_view_loss(params, batch, hidden_views, keys(dropout_rng),
+                                             True, denoise_rngs, hyper)
       return total, (terms, hidden_views[0], ratios[0])
-    hidden, ratio = self.draw_hidden(mask_rng, step, batch)
+    hidden, ratio = self.draw_hidden(mask_rng, step, batch, hyper)
     total, (terms, _) = self.loss_and_outputs(params, batch, hidden, dropout_rng, True,
-                                              denoise_rng)
+                                              denoise_rng, hyper)
     return total, (terms, hidden, ratio)
 
-  def augmented_view(self, rng, batch):
+  def augmented_view(self, rng, batch, hyper=None):
     a = self.config.augment
     view = augment.augment_inputs(rng, batch, self.input_layouts, self.quaternions,
                                   a.warp_strength, a.warp_knots, a.jitter_sigma)
-    return imu_only_inputs(batch['valid'], view['values'], view['observed'],
-                           self.target_layouts, self.config.model.interpolation_prior)
+    return with_scales(imu_only_inputs(batch['valid'], view['values'], view['observed'],
+                                       self.target_layouts,
+                                       self.config.model.interpolation_prior),
+                       self._hyper(hyper))
 
-  def contrastive_objective(self, params, state: TrainState, batch, rng):
+  def contrastive_objective(self, params, state: TrainState, batch, rng, hyper=None):
     """Return (L_contrastive, (metrics, keys, kept rows)) for two augmented views.
 
     The online parameters encode view A into queries; the momentum parameters encode view B
@@ -229,7 +283,7 @@ class Steps:
     loss and of the queue.
     """
     view_rng, dropout_rng = jax.random.split(rng)
-    view_a, view_b = (self.augmented_view(k, batch) for k in jax.random.split(view_rng))
+    view_a, view_b = (self.augmented_view(k, batch, hyper) for k in jax.random.split(view_rng))
     queries = self.model.apply({'params': params}, view_a, train=True,
                                rngs={'dropout': dropout_rng}, output='projection')['projection']
     keys = self.model.apply({'params': state.ema_params}, view_b, train=False,
@@ -240,34 +294,36 @@ class Steps:
                                          self.config.contrastive.temperature, keep)
     return loss, (metrics, keys, keep)
 
-  def objective(self, params, state: TrainState, batch, step_rng):
+  def objective(self, params, state: TrainState, batch, step_rng, hyper=None):
     """Return L_recon + lambda_cons * L_cons + lambda_denoise * L_denoise
     + lambda_contrastive * L_contrastive, with the terms that are on.
 
     The reconstruction terms draw their keys exactly as before the contrastive loss existed,
     so phases without it keep their masks and dropout.
     """
+    hyper = self._hyper(hyper)
     mask_rng, dropout_rng = jax.random.split(step_rng)
     denoise_rng = None
     if self.config.lambda_denoise > 0:
       denoise_rng = jax.random.fold_in(step_rng, 2)
     total, (terms, hidden, ratio) = self.reconstruction_objective(
-        params, batch, state.step, mask_rng, dropout_rng, denoise_rng)
+        params, batch, state.step, mask_rng, dropout_rng, denoise_rng, hyper)
     if denoise_rng is not None:
-      total = total + self.config.lambda_denoise * terms['loss_denoise']
+      total = total + hyper['lambda_denoise'] * terms['loss_denoise']
     extra = {}
     if self.config.lambda_contrastive > 0:
       loss_c, (metrics_c, keys, keep) = self.contrastive_objective(
-          params, state, batch, jax.random.fold_in(step_rng, 1))
-      total = total + self.config.lambda_contrastive * loss_c
+          params, state, batch, jax.random.fold_in(step_rng, 1), hyper)
+      total = total + hyper['lambda_contrastive'] * loss_c
       terms = {**terms, 'loss_contrastive': loss_c, **metrics_c}
       extra = {'keys': keys, 'keep': keep}
     return total, (terms, hidden, ratio, extra)
 
-  def update_momentum_and_queue(self, state: TrainState, params, extra):
+  def update_momentum_and_queue(self, state: TrainState, params, extra, hyper=None):
     """Move the momentum encoder towards the updated online parameters, then enqueue keys."""
     c = self.config.contrastive
-    m = contrastive.momentum_at(state.step, c.momentum, c.momentum_schedule, self.total_steps)
+    m = contrastive.momentum_at(state.step, self._hyper(hyper)['momentum'], c.momentum_schedule,
+                                self.total_steps)
     online = {name: params[name] for name in state.ema_params}
     ema_params = contrastive.ema_update(state.ema_params, online, m)
     queue, pointer, filled = contrastive.enqueue(
@@ -277,10 +333,11 @@ class Steps:
     return dict(ema_params=ema_params, queue=queue, queue_ptr=pointer,
                 queue_filled=filled), metrics
 
-  def train_step(self, state: TrainState, batch):
+  def train_step(self, state: TrainState, batch, hyper=None):
     step_rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(self.objective, has_aux=True)
-    (loss, (terms, hidden, ratio, extra)), grads = grad_fn(state.params, state, batch, step_rng)
+    (loss, (terms, hidden, ratio, extra)), grads = grad_fn(state.params, state, batch, step_rng,
+                                                           hyper)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -293,24 +350,26 @@ class Steps:
     }
     changes = {}
     if extra:
-      changes, contrastive_metrics = self.update_momentum_and_queue(state, params, extra)
+      changes, contrastive_metrics = self.update_momentum_and_queue(state, params, extra, hyper)
       metrics.update(contrastive_metrics)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               **changes)
     return new_state, metrics
 
-  def represent(self, params, batch):
+  def represent(self, params, batch, hyper=None):
     """Return the (B, H) pooled representation of IMU-only inputs (every target hidden)."""
     inputs = imu_only_inputs(batch['valid'], {l.name: batch['values'][l.name]
                                               for l in self.input_layouts},
                              {l.name: batch['observed'][l.name] for l in self.input_layouts},
                              self.target_layouts, self.config.model.interpolation_prior)
+    inputs = with_scales(inputs, self._hyper(hyper))
     return self.model.apply({'params': params}, inputs, train=False,
                             output='representation')['representation']
 
-  def evaluate(self, params, batch, hidden_raw):
+  def evaluate(self, params, batch, hidden_raw, hyper=None):
     """Return (loss terms, reconstructions) for given hidden masks, without dropout."""
-    loss, (terms, outputs) = self.loss_and_outputs(params, batch, hidden_raw, None, False)
+    loss, (terms, outputs) = self.loss_and_outputs(params, batch, hidden_raw, None, False,
+                                                   hyper=hyper)
     return {'loss': loss, **terms}, outputs['recon']
 
 

@@ -198,6 +198,9 @@ def test_best_config_loads_and_runs(tmp_path):
           '--config.data.window=16', '--config.data.train_stride=8',
           '--config.data.num_folds=3', '--config.batch_size=8', '--config.eval_batch_size=16',
           '--config.contrastive.queue_size=16', '--config.num_train_steps=2',
+          # The sensor stage only slows compilation here; phase 6 with it is launched in
+          # tests/test_launch.py.
+          '--config.model.sensor_embedding=False',
           '--config.data.synthetic.num_subjects=4',
           '--config.data.synthetic.sequences_per_subject=4']
   env = dict(os.environ, JAX_PLATFORMS='cpu')
