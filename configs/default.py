@@ -169,7 +169,7 @@ def get_config() -> ml_collections.ConfigDict:
   # momentum, the mask schedule or the positional embedding together, one compiled step per
   # seed (see imputer/side_by_side.py); 'sequential' trains one variant after the other.
   config.study.mode = 'side_by_side'
-  config.study.group_size = 0  # Most variants per side-by-side group; 0 puts no limit.
+  config.study.group_size = 0  # Maximum variants per side-by-side group; 0 means no limit.
 
   config.num_epochs = 50  # Passes over the training windows.
   config.num_train_steps = -1  # When positive, stops at min(this, num_epochs worth of steps).

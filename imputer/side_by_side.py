@@ -11,8 +11,8 @@ the whole group costs one compile and every step reads each batch once.
   config: the term adds 0, the term's random draws do not touch the other terms, and a second
   consistency view, or the denoising corruption, is left out of that member's loss.
 * Parameters that a member's own model lacks (a denoising head, a projection head, the
-  positional table) are still carried for it; they get zero gradients and are dropped when
-  its state is saved.
+  positional table) are still carried for it. They get zero gradients, and saving its state
+  drops them.
 * Variants that differ in anything else (the decoder, the sensor stage, the loss kind, the
   seed, ...) train in separate groups. `study.group_size` caps the members per group.
 

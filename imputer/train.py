@@ -277,7 +277,7 @@ def build_steps(config, data: RunData, mesh) -> CompiledSteps:
 
 
 def open_workdir(config, workdir: str, data: RunData) -> dict:
-  """Check that `workdir` holds no other run, write its run files and return the scalers.
+  """Check that `workdir` contains no other run, write its run files and return the scalers.
 
   run.json (config and data fingerprint, checked on resume), config.json and scalers.json are
   written by process 0 only.

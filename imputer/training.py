@@ -96,7 +96,7 @@ def imu_only_inputs(valid, input_values, input_observed, target_layouts, prior: 
 
 
 def select(condition, on, off):
-  """Return `on` where `condition` holds and `off` elsewhere, leaf by leaf.
+  """Return `on` where `condition` is true and `off` elsewhere, leaf by leaf.
 
   A Python bool picks one tree at trace time, so a single run's graph contains only what it
   uses. An array condition (one variant's setting in a side-by-side study) selects with
