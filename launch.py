@@ -1,6 +1,11 @@
-"""Train and evaluate a masked imputer.
+"""Train and evaluate a masked imputer, or use a trained one.
 
   python launch.py --config=configs/phase1.py --workdir=runs/phase1
+  python launch.py --mode=impute --workdir=runs/phase1 --input=test.csv --output=filled.csv
+  python launch.py --mode=report --workdir=runs/phase1
+  python launch.py --mode=downstream --workdir=runs/phase1
+
+The modes other than train read the config that the workdir holds; --config is not used.
 
 The config file is locked: `--config.FIELD=VALUE` overrides a field and a misspelt field is
 an error. All work happens in `imputer.train.train_and_evaluate`, or for a config with a
@@ -18,6 +23,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from imputer import impute
 from imputer import side_by_side
 from imputer import study
 from imputer import study_results
@@ -31,6 +37,24 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'Call jax.distributed.initialize() first, for a run over several hosts. On TPU VMs and '
     'SLURM it finds its peers by itself; elsewhere set JAX_COORDINATOR_ADDRESS, '
     'JAX_NUM_PROCESSES and JAX_PROCESS_ID.')
+
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'impute', 'report', 'downstream'],
+    'train: train and evaluate (or run a study). impute: fill the THM/ToF values that --input '
+    'lacks and write --output. report: PNG figures and an HTML page for chosen sequences. '
+    'downstream: gesture classifiers on IMU only, IMU plus imputed and IMU plus real THM/ToF.')
+_INPUT = flags.DEFINE_string('input', None, 'impute: the CMI-schema .csv or .parquet to fill.')
+_OUTPUT = flags.DEFINE_string('output', None, 'impute: the .csv or .parquet file to write.')
+_UNCERTAINTY = flags.DEFINE_bool(
+    'uncertainty', False, 'impute: add a <column>_std column per target column (needs a run '
+    'trained with a conf_ loss).')
+_CHUNK_ROWS = flags.DEFINE_integer(
+    'chunk_rows', 50_000, 'impute: rows read at a time; chunks end at sequence boundaries.')
+_STRIDE = flags.DEFINE_integer(
+    'stride', 0, 'impute, report and downstream: timesteps between window starts; 0 means '
+    'half a window.')
+_SEQUENCES = flags.DEFINE_list(
+    'sequences', [], 'report: sequence_ids to draw; default, the first test sequences.')
 
 
 class _QuietOrbax(pylogging.Filter):
@@ -48,6 +72,9 @@ def main(argv):
     jax.distributed.initialize()
   logging.info('Process %d of %d | local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
+  if _MODE.value != 'train':
+    _use_trained()
+    return
   config = _CONFIG.value
   if config.study.ablations or config.study.grid:
     # The runs of a study compile many identical programs (every evaluation of variants that
@@ -65,6 +92,24 @@ def main(argv):
                  summary['best'], summary['score'], summary['best_config'])
   else:
     train.train_and_evaluate(config, _WORKDIR.value)
+
+
+def _use_trained() -> None:
+  """Run impute, report or downstream mode on the trained run in --workdir."""
+  stride = _STRIDE.value or None
+  if _MODE.value == 'impute':
+    if not _INPUT.value or not _OUTPUT.value:
+      raise app.UsageError('--mode=impute needs --input=FILE and --output=FILE.')
+    impute.impute_file(_WORKDIR.value, _INPUT.value, _OUTPUT.value, _UNCERTAINTY.value,
+                       _CHUNK_ROWS.value, stride)
+  elif _MODE.value == 'report':
+    from imputer import visual_report  # pylint: disable=import-outside-toplevel
+    path = visual_report.write_visual_report(_WORKDIR.value, _SEQUENCES.value, stride)
+    logging.info('Wrote %s', path)
+  else:
+    from imputer import downstream  # pylint: disable=import-outside-toplevel
+    path = downstream.run(_WORKDIR.value, stride)
+    logging.info('Wrote %s', path)
 
 
 if __name__ == '__main__':

@@ -41,6 +41,9 @@ def get_config(phase: str = 'phase1'):
       'hr': stream('hrmLabeled.csv', 'hrv', 'input', missing_values='0', max_gap_ms=1500.0),
       'gyro': stream('gyrLabeled.csv', 'x,y,z', 'target'),
       'ppg': stream('ppgLabeled.csv', 'ppg', 'target'),
+      # The annotated behaviour per sample (0 for none): not a model input, but the labels of
+      # the downstream check (--mode=downstream).
+      'behaviour': stream('accLabeled.csv', 'label', 'label'),
   })
   data.window = 64  # 6.4 s at 10 Hz.
   data.train_stride = 32

@@ -72,6 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
   # starts from the interpolation baseline; with nothing visible the prior is the median.
   config.model.interpolation_prior = True
   config.model.log_var_bound = 6.0  # Learned log-variances s are kept in [-bound, bound].
+  # With a conf_ loss: a Dense head per target group that gives every value its own
+  # log-variance (the per-group one plus a learned offset), trained by the same negative
+  # log-likelihood. Impute mode then reports a standard deviation per value.
+  config.model.variance_head = False
   # A learned vector per timestep of the window, added to the time tokens.
   config.model.positional_embedding = False
   # A sensor stage after the encoder: one token per IMU channel and per target sensor at each

@@ -36,7 +36,7 @@ TOF_NO_RETURN = -1.0
 TOF_NO_RETURN_CHOICES = ('missing', 'far')
 
 _TEXT_COLUMNS = ('row_id', 'sequence_id', 'subject') + CMI_LABEL_COLUMNS
-_NUMERIC_COLUMNS = ('sequence_counter',) + CMI_SENSOR_COLUMNS
+NUMERIC_COLUMNS = ('sequence_counter',) + CMI_SENSOR_COLUMNS
 _SUMMARY_RUN = 3  # Runs of at least this many consecutive missing names print as 'first..last'.
 
 
@@ -62,34 +62,50 @@ def read_table(path: str) -> pl.DataFrame:
   read again with the column types inferred from every row, so that the column comes out as
   text and `from_cmi_frame` can report the offending row and value.
   """
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise ValueError(f'{path}: file not found; give the path of an existing .csv or .parquet file.')
-  suffix = file.suffix.lower()
-  if suffix not in ('.csv', '.parquet'):
-    raise ValueError(
-        f'{path}: unknown file type {file.suffix!r}; give a .csv or .parquet file, or convert '
-        f'the table to one of them.')
-  if file.stat().st_size == 0:
-    raise ValueError(
-        f'{path}: the file is empty; write the table with its header row and data rows.')
-
-  frame = _read_csv(file) if suffix == '.csv' else _read_parquet(file)
+  file = check_table_path(path)
+  frame = _read_csv(file) if file.suffix.lower() == '.csv' else _read_parquet(file)
   if frame.height == 0:
     raise ValueError(
         f'{path}: the table has a header but no data rows; check that the export wrote the rows.')
   return frame
 
 
-def _read_csv(file: pathlib.Path) -> pl.DataFrame:
+def check_table_path(path: str) -> pathlib.Path:
+  """Raise ValueError unless `path` is an existing, non-empty .csv or .parquet file."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ValueError(f'{path}: file not found; give the path of an existing .csv or .parquet file.')
+  if file.suffix.lower() not in ('.csv', '.parquet'):
+    raise ValueError(
+        f'{path}: unknown file type {file.suffix!r}; give a .csv or .parquet file, or convert '
+        f'the table to one of them.')
+  if file.stat().st_size == 0:
+    raise ValueError(
+        f'{path}: the file is empty; write the table with its header row and data rows.')
+  return file
+
+
+def read_csv_header(file) -> list[str]:
+  """Return the column names of a CSV file, raising ValueError when it has no header row."""
   try:
-    header = pl.read_csv(file, n_rows=0).columns
+    return pl.read_csv(file, n_rows=0).columns
   except pl.exceptions.NoDataError as error:
     raise ValueError(
         f'{file}: the file has no header row ({error}); write the table with its header row and '
         f'data rows.') from error
+
+
+def csv_schema_overrides(header) -> dict:
+  """Return the column types a CMI CSV is read with: text ids and labels, Float64 numbers."""
   text_types = {name: pl.String for name in header if name in _TEXT_COLUMNS}
-  numeric_types = {name: pl.Float64 for name in header if name in _NUMERIC_COLUMNS}
+  numeric_types = {name: pl.Float64 for name in header if name in NUMERIC_COLUMNS}
+  return {**text_types, **numeric_types}
+
+
+def _read_csv(file: pathlib.Path) -> pl.DataFrame:
+  header = read_csv_header(file)
+  text_types = {name: pl.String for name in header if name in _TEXT_COLUMNS}
+  numeric_types = {name: pl.Float64 for name in header if name in NUMERIC_COLUMNS}
   try:
     return pl.read_csv(file, schema_overrides={**text_types, **numeric_types})
   except pl.exceptions.ComputeError:
@@ -123,33 +139,42 @@ def load_cmi(
 
 def from_cmi_frame(
     frame: pl.DataFrame, source: str, tof_no_return: str = 'missing',
-    tof_far_value: float = 255.0) -> RecordingSet:
+    tof_far_value: float = 255.0, first_row: int = 1) -> RecordingSet:
   """Group a CMI-schema frame into sequences with raw values and observed masks.
 
   `source` names the data in every error and in the returned set. `tof_no_return` decides what
   a ToF value of -1 becomes. With 'missing' the pixel is unobserved, and with 'far' it is
   observed with the value `tof_far_value`. Label columns are optional, and the gesture, when
-  present, becomes `Sequence.label`. Other columns are ignored. Sequences keep the order of
+  present, becomes `Sequence.label`. Other columns are ignored. `first_row` is the data row
+  number of the frame's first row in its file, so errors about a part of a file name the
+  file's row. Sequences keep the order of
   their first row in the frame, and rows within a sequence are sorted by sequence_counter.
   """
   _check_options(source, tof_no_return, tof_far_value)
-  _check_columns(frame, source)
+  check_columns(frame.columns, source)
   if frame.height == 0:
     raise ValueError(f'{source}: the table has no rows; give a table with at least one data row.')
 
   input_groups, target_groups = cmi_groups()
-  values = _sensor_values(frame, input_groups + target_groups, source)
-  sequence_ids = _text_column(frame, 'sequence_id', source)
-  subjects = _text_column(frame, 'subject', source)
-  counters = _counter_column(frame, source)
+  values = _sensor_values(frame, input_groups + target_groups, source, first_row)
+  sequence_ids = _text_column(frame, 'sequence_id', source, first_row=first_row)
+  subjects = _text_column(frame, 'subject', source, first_row=first_row)
+  counters = _counter_column(frame, source, first_row)
 
   order, starts = _sequence_order(sequence_ids, counters)
-  _check_unique_counters(order, starts, sequence_ids, counters, source)
-  _check_constant_within_sequence(order, starts, sequence_ids, subjects, 'subject', source)
+  _check_unique_counters(order, starts, sequence_ids, counters, source, first_row)
+  _check_constant_within_sequence(order, starts, sequence_ids, subjects, 'subject', source,
+                                  first_row)
   labels = None
   if 'gesture' in frame.columns:
-    labels = _text_column(frame, 'gesture', source, allow_null=True)
-    _check_constant_within_sequence(order, starts, sequence_ids, labels, 'gesture', source)
+    labels = _text_column(frame, 'gesture', source, allow_null=True, first_row=first_row)
+    _check_constant_within_sequence(order, starts, sequence_ids, labels, 'gesture', source,
+                                    first_row)
+  kinds = None
+  if 'sequence_type' in frame.columns:
+    kinds = _text_column(frame, 'sequence_type', source, allow_null=True, first_row=first_row)
+    _check_constant_within_sequence(order, starts, sequence_ids, kinds, 'sequence_type', source,
+                                    first_row)
 
   excluded = _count_unusable(values, tof_no_return)
   raw, observed = {}, {}
@@ -164,13 +189,14 @@ def from_cmi_frame(
   ends = list(starts[1:]) + [len(order)]
   sorted_counters = counters[order]
   for start, end in zip(starts, ends):
-    first_row = order[start]
+    head = order[start]
     sequence = Sequence(
-        sequence_id=sequence_ids[first_row],
-        subject=subjects[first_row],
+        sequence_id=sequence_ids[head],
+        subject=subjects[head],
         raw={name: group_values[start:end] for name, group_values in raw.items()},
         observed={name: mask[start:end] for name, mask in observed.items()},
-        label=None if labels is None else labels[first_row])
+        label=None if labels is None else labels[head],
+        sequence_type=None if kinds is None else kinds[head])
     inserted = _fill_counter_gaps(sequence, sorted_counters[start:end])
     if inserted:
       excluded['rows missing from a sequence_counter gap, inserted as missing values'] += inserted
@@ -226,8 +252,9 @@ def _check_options(source: str, tof_no_return: str, tof_far_value: float) -> Non
         f'{source}: invalid tof_far_value {tof_far_value!r}; give a finite distance such as 255.')
 
 
-def _check_columns(frame: pl.DataFrame, source: str) -> None:
-  present = set(frame.columns)
+def check_columns(columns, source: str) -> None:
+  """Raise ValueError naming every required CMI column that `columns` lacks."""
+  present = set(columns)
   missing = [name for name in CMI_REQUIRED_COLUMNS if name not in present]
   if missing:
     raise ValueError(
@@ -250,35 +277,36 @@ def _summarize_names(names, order) -> str:
   return ', '.join(parts)
 
 
-def _sensor_values(frame: pl.DataFrame, groups, source: str) -> dict[str, np.ndarray]:
+def _sensor_values(frame: pl.DataFrame, groups, source: str, first_row: int = 1) -> dict[str, np.ndarray]:
   """Convert each group's columns to a (N, C) float64 array in frame row order, NaN where empty.
 
   Raises ValueError for a cell that is not a number and for an invalid ToF distance.
   """
   values = {}
   for group in groups:
-    columns = pl.DataFrame([_float_column(frame[name], source) for name in group.columns])
+    columns = pl.DataFrame([float_column(frame[name], source, first_row)
+                            for name in group.columns])
     # Without nulls the row-major copy is faster: 2 s instead of 5 s for the ToF columns of
     # 570k rows (polars 2.1, 2 CPU cores).
     columns = columns.fill_null(np.nan)
     values[group.name] = columns.to_numpy(order='c')
-    _check_no_infinity(values[group.name], group.columns, source)
-  _check_tof_values(values['tof'], source)
+    _check_no_infinity(values[group.name], group.columns, source, first_row)
+  _check_tof_values(values['tof'], source, first_row)
   return values
 
 
-def _check_no_infinity(values: np.ndarray, columns, source: str) -> None:
+def _check_no_infinity(values: np.ndarray, columns, source: str, first_row: int = 1) -> None:
   """Raise ValueError at the first infinite value: a sensor fault, not a missing reading."""
   infinite = np.isinf(values)
   if infinite.any():
     row, column = np.argwhere(infinite)[0]
     raise ValueError(
         f'{source}: column {columns[column]!r} contains the infinite value '
-        f'{values[row, column]:g} at data row {row + 1}; correct it, or leave the cell empty '
+        f'{values[row, column]:g} at data row {row + first_row}; correct it, or leave the cell empty '
         'or write NaN to mark it missing.')
 
 
-def _float_column(column: pl.Series, source: str) -> pl.Series:
+def float_column(column: pl.Series, source: str, first_row: int = 1) -> pl.Series:
   """Cast one column to Float64, raising ValueError at its first cell that is not a number."""
   if column.dtype.is_numeric() or column.dtype == pl.Null:
     return column.cast(pl.Float64)
@@ -295,12 +323,12 @@ def _float_column(column: pl.Series, source: str) -> pl.Series:
     row = int(invalid.arg_true()[0])
     raise ValueError(
         f'{source}: column {column.name!r} contains the non-numeric value {column[row]!r} at data '
-        f'row {row + 1} (counting data rows from 1, after the header); correct the value, or '
+        f'row {row + first_row} (counting data rows from 1, after the header); correct the value, or '
         f'leave the cell empty or write NaN to mark it missing.')
   return values
 
 
-def _check_tof_values(tof: np.ndarray, source: str) -> None:
+def _check_tof_values(tof: np.ndarray, source: str, first_row: int = 1) -> None:
   """Raise ValueError at the first negative ToF distance other than the no-return value -1."""
   with np.errstate(invalid='ignore'):
     negative = tof < 0
@@ -309,36 +337,37 @@ def _check_tof_values(tof: np.ndarray, source: str) -> None:
   row, column = np.argwhere(negative & (tof != TOF_NO_RETURN))[0]
   raise ValueError(
       f'{source}: column {CMI_TOF_COLUMNS[column]!r} contains the negative distance '
-      f'{tof[row, column]:g} at data row {row + 1}; ToF distances are >= 0, with -1 for no '
+      f'{tof[row, column]:g} at data row {row + first_row}; ToF distances are >= 0, with -1 for no '
       f'return and an empty cell or NaN for a missing value, so correct that value.')
 
 
 def _text_column(
-    frame: pl.DataFrame, name: str, source: str, allow_null: bool = False) -> np.ndarray:
+    frame: pl.DataFrame, name: str, source: str, allow_null: bool = False,
+    first_row: int = 1) -> np.ndarray:
   """Convert a column to a numpy array of str, raising ValueError at a null unless `allow_null`."""
   column = frame[name].cast(pl.String)
   if not allow_null and column.null_count() > 0:
     row = int(column.is_null().arg_true()[0])
     raise ValueError(
-        f'{source}: column {name!r} is empty at data row {row + 1}; every row needs a {name}, '
+        f'{source}: column {name!r} is empty at data row {row + first_row}; every row needs a {name}, '
         f'so fill it in or remove the row.')
   return column.to_numpy().astype(object)
 
 
-def _counter_column(frame: pl.DataFrame, source: str) -> np.ndarray:
-  counters = _float_column(frame['sequence_counter'], source).to_numpy()
+def _counter_column(frame: pl.DataFrame, source: str, first_row: int = 1) -> np.ndarray:
+  counters = float_column(frame['sequence_counter'], source, first_row).to_numpy()
   missing = ~np.isfinite(counters)
   if missing.any():
     row = int(np.flatnonzero(missing)[0])
     raise ValueError(
-        f'{source}: column \'sequence_counter\' is missing or not finite at data row {row + 1}; '
+        f'{source}: column \'sequence_counter\' is missing or not finite at data row {row + first_row}; '
         f'every row needs its position in the sequence, so fill it in or remove the row.')
   fractional = counters != np.round(counters)
   if fractional.any():
     row = int(np.flatnonzero(fractional)[0])
     raise ValueError(
         f'{source}: column \'sequence_counter\' contains the non-integer value '
-        f'{counters[row]:g} at data row {row + 1}; counters number the timesteps 0, 1, 2, ..., '
+        f'{counters[row]:g} at data row {row + first_row}; counters number the timesteps 0, 1, 2, ..., '
         'so write whole numbers.')
   return counters
 
@@ -357,7 +386,8 @@ def _sequence_order(
   return order, starts
 
 
-def _check_unique_counters(order, starts, sequence_ids, counters, source: str) -> None:
+def _check_unique_counters(order, starts, sequence_ids, counters, source: str,
+                           first_row: int = 1) -> None:
   sorted_counters = counters[order]
   same_sequence = np.ones(len(order), dtype=bool)
   same_sequence[starts] = False
@@ -367,11 +397,12 @@ def _check_unique_counters(order, starts, sequence_ids, counters, source: str) -
     first, second = sorted((int(order[position - 1]), int(order[position])))
     raise ValueError(
         f'{source}: sequence {sequence_ids[first]!r} has sequence_counter '
-        f'{sorted_counters[position]:g} twice (data rows {first + 1} and {second + 1}); every row '
+        f'{sorted_counters[position]:g} twice (data rows {first + first_row} and {second + first_row}); every row '
         f'of a sequence needs its own counter, so remove the duplicate row.')
 
 
-def _check_constant_within_sequence(order, starts, sequence_ids, values, name: str, source: str):
+def _check_constant_within_sequence(order, starts, sequence_ids, values, name: str, source: str,
+                                    first_row: int = 1):
   sorted_values = values[order]
   same_sequence = np.ones(len(order), dtype=bool)
   same_sequence[starts] = False
@@ -381,8 +412,8 @@ def _check_constant_within_sequence(order, starts, sequence_ids, values, name: s
     first, second = int(order[position - 1]), int(order[position])
     raise ValueError(
         f'{source}: sequence {sequence_ids[first]!r} has more than one {name}: '
-        f'{values[first]!r} at data row {first + 1} and {values[second]!r} at data row '
-        f'{second + 1}; a sequence must have a single {name}, so correct the {name} column or give '
+        f'{values[first]!r} at data row {first + first_row} and {values[second]!r} at data row '
+        f'{second + first_row}; a sequence must have a single {name}, so correct the {name} column or give '
         f'the rows separate sequence_ids.')
 
 

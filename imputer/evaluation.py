@@ -15,10 +15,13 @@ median, and the report counts those values.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from imputer import losses
 from imputer import masking
 from imputer import sharding
 
@@ -26,25 +29,26 @@ SCENARIOS = ('random_mask', 'imu_only')
 
 
 def make_predict_fns(steps, config):
-  """Return the two scenario functions (params, batch, key) -> (metrics, recon, hidden).
+  """Return the two scenario functions (params, batch, key) -> (metrics, recon, hidden, log_var).
 
-  Each also takes the `hyper` dict of a side-by-side variant (see `training.Steps`).
+  `log_var` is {} without a conf_ loss (see `training.Steps.evaluate`). Each function also
+  takes the `hyper` dict of a side-by-side variant (see `training.Steps`).
   """
   layouts = steps.target_layouts
 
   def random_mask(params, batch, key, hyper=None):
     batch_size, window = batch['valid'].shape
     hidden = masking.sample_hidden(key, layouts, batch_size, window, config.mask.eval_ratio, 0.0)
-    metrics, recon = steps.evaluate(params, batch, hidden, hyper)
-    return metrics, recon, hidden
+    metrics, recon, log_var = steps.evaluate(params, batch, hidden, hyper)
+    return metrics, recon, hidden, log_var
 
   def imu_only(params, batch, key, hyper=None):
     # Every unit is hidden (probability 1). Drawing the all-true mask from the key keeps it a
     # run-time value: as a constant, XLA would spend tens of seconds folding the
     # interpolation prior of the ToF group at compile time.
     hidden = masking.sample_hidden(key, layouts, *batch['valid'].shape, 1.0, 0.0)
-    metrics, recon = steps.evaluate(params, batch, hidden, hyper)
-    return metrics, recon, hidden
+    metrics, recon, log_var = steps.evaluate(params, batch, hidden, hyper)
+    return metrics, recon, hidden, log_var
 
   return {'random_mask': random_mask, 'imu_only': imu_only}
 
@@ -68,23 +72,26 @@ def global_batches(windows, batch_size: int, mesh):
 
 
 def predict_windows(predict_fn, params, windows, batch_size: int, mesh, key):
-  """Run `predict_fn` over all windows; return (mean loss terms, recon, hidden) on the host.
+  """Run `predict_fn` over all windows and return host arrays.
 
-  Loss terms are averaged over batches, weighted by their real windows.
+  Returns (mean loss terms, recon, hidden, log_var), the last three keyed by group; log_var
+  is {} for a model without learned variances. Loss terms are averaged over batches,
+  weighted by their real windows.
   """
-  recon, hidden, totals, seen = {}, {}, {}, 0
+  parts = {'recon': {}, 'hidden': {}, 'log_var': {}}
+  totals, seen = {}, 0
   for batch_index, batch, real in global_batches(windows, batch_size, mesh):
-    metrics, out, drawn = predict_fn(params, batch, jax.random.fold_in(key, batch_index))
-    out, drawn, metrics = multihost_utils.process_allgather((out, drawn, metrics), tiled=True)
-    for name in out:
-      recon.setdefault(name, []).append(np.asarray(out[name])[:real])
-      hidden.setdefault(name, []).append(np.asarray(drawn[name])[:real])
+    metrics, *arrays = predict_fn(params, batch, jax.random.fold_in(key, batch_index))
+    metrics, *arrays = multihost_utils.process_allgather((metrics, *arrays), tiled=True)
+    for kind, out in zip(parts, arrays):
+      for name, value in out.items():
+        parts[kind].setdefault(name, []).append(np.asarray(value)[:real])
     for name, value in metrics.items():
       totals[name] = totals.get(name, 0.0) + float(value) * real
     seen += real
   mean = {name: value / max(seen, 1) for name, value in totals.items()}
-  return (mean, {n: np.concatenate(v) for n, v in recon.items()},
-          {n: np.concatenate(v) for n, v in hidden.items()})
+  return (mean,) + tuple({n: np.concatenate(v) for n, v in parts[kind].items()}
+                         for kind in parts)
 
 
 def represent_windows(represent_fn, params, windows, batch_size: int, mesh) -> np.ndarray:
@@ -140,6 +147,74 @@ class ErrorSums:
     r2 = 1.0 - self.sq_error / total if total > 1e-12 * max(count, 1) else None
     return {'mae': self.abs_error / count, 'rmse': float(np.sqrt(self.sq_error / count)),
             'r2': r2, 'count': count}
+
+
+def expected_coverage(kind: str, k: float) -> float:
+  """Return the probability that a value lies within k standard deviations of the mean.
+
+  Gaussian (conf_mse): erf(k / √2). Laplace (the other conf_ kinds): 1 - exp(-k √2).
+  """
+  if kind == 'conf_mse':
+    return math.erf(k / math.sqrt(2.0))
+  return 1.0 - math.exp(-k * math.sqrt(2.0))
+
+
+def negative_log_likelihood(kind: str, error: np.ndarray, std: np.ndarray) -> np.ndarray:
+  """Return the per-value NLL of `error` under a zero-mean Gaussian or Laplace with `std`."""
+  if kind == 'conf_mse':
+    return 0.5 * np.log(2.0 * np.pi * std * std) + 0.5 * (error / std) ** 2
+  scale = std / math.sqrt(2.0)
+  return np.log(2.0 * scale) + np.abs(error) / scale
+
+
+class CalibrationSums:
+  """Running sums of interval coverage and negative log-likelihood over scored values."""
+
+  def __init__(self, kind: str):
+    self.kind = kind
+    self.count = 0
+    self.within = {1: 0, 2: 0}
+    self.nll = 0.0
+    self.std = 0.0
+
+  def add(self, truth, prediction, std, scored) -> None:
+    """Add the `scored` entries of (T, C) truth, prediction and predicted std."""
+    error = (prediction - truth)[scored]
+    std = std[scored]
+    self.count += int(error.size)
+    for k in self.within:
+      self.within[k] += int((np.abs(error) <= k * std).sum())
+    self.nll += float(negative_log_likelihood(self.kind, error, std).sum())
+    self.std += float(std.sum())
+
+  def result(self) -> dict:
+    if self.count == 0:
+      return {'count': 0}
+    out = {f'coverage_{k}sigma': self.within[k] / self.count for k in self.within}
+    out.update({f'expected_{k}sigma': expected_coverage(self.kind, k) for k in self.within})
+    out.update(nll=self.nll / self.count, mean_std=self.std / self.count, count=self.count)
+    return out
+
+
+def calibration(loss_kind, sequences, predictions, log_vars, hidden, layouts, scalers) -> dict:
+  """Score the model's predicted spread on the hidden, observed values, in original units.
+
+  For each group: the observed fraction of values within ±1σ and ±2σ of the prediction,
+  next to what the model's distribution expects, the mean negative log-likelihood per value
+  and the mean predicted σ. Inputs are per-sequence lists as in `score_scenario`.
+  """
+  out = {'distribution': 'gaussian' if loss_kind == 'conf_mse' else 'laplace'}
+  for layout in layouts:
+    name, raw = layout.name, layout.num_raw
+    scaler = scalers[name]
+    sums = CalibrationSums(loss_kind)
+    for i, seq in enumerate(sequences):
+      truth = np.nan_to_num(seq.raw[name])
+      prediction = scaler.inverse(predictions[name][i][:, :raw], slice(0, raw))
+      std = losses.predictive_std(loss_kind, log_vars[name][i][:, :raw]) * scaler.scale[:raw]
+      sums.add(truth, prediction, std, hidden[name][i] & seq.observed[name])
+    out[name] = sums.result()
+  return out
 
 
 def interpolate_sequence(values: np.ndarray, visible: np.ndarray, fallback: np.ndarray):

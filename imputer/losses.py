@@ -10,6 +10,12 @@ The uncertainty-aware forms learn one log-variance s per group:
 * conf_mae, Laplace negative log-likelihood up to a constant: exp(-s) * MAE + s
 * conf_huber: exp(-s) * Huber + s. This is a heuristic that borrows the Laplace form; the
   Huber loss is not the negative log-likelihood of a standard distribution.
+
+With a variance head the model gives s per value instead, and the same forms are averaged
+value by value: mean(0.5 * exp(-s) * e² + 0.5 * s) and mean(exp(-s) * |e| + s).
+
+In scaled units, s is log σ² for the Gaussian and log b, the Laplace scale, for the others. A
+Laplace distribution with scale b has the standard deviation √2 · b.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 
 PLAIN_KINDS = ('mse', 'mae', 'huber')
 CONF_KINDS = ('conf_mse', 'conf_mae', 'conf_huber')
@@ -63,6 +70,31 @@ def confidence_weighted(kind: str, loss, log_var, count):
   return jnp.where(count > 0, value, 0.0)
 
 
+def per_value_confidence(kind: str, error, log_var, weight):
+  """Return the mean over `weight` > 0 of the per-value Gaussian or Laplace form.
+
+  `error` and `log_var` have the same shape. A group with nothing to score gives exactly 0.
+  """
+  s = log_var.astype(jnp.float32)
+  if kind == 'conf_mse':
+    value = 0.5 * jnp.exp(-s) * error + 0.5 * s
+  else:
+    value = jnp.exp(-s) * error + s
+  return masked_mean(value, weight)[0]
+
+
+def predictive_std(kind: str, log_var):
+  """Return the standard deviation (scaled units, float64 on the host) of log-variances.
+
+  Gaussian (conf_mse): σ = exp(s / 2). Laplace (conf_mae, and conf_huber, which borrows its
+  form): σ = √2 · exp(s).
+  """
+  log_var = np.asarray(log_var, np.float64)
+  if kind == 'conf_mse':
+    return np.exp(0.5 * log_var)
+  return math.sqrt(2.0) * np.exp(log_var)
+
+
 def reconstruction_loss(config_loss, outputs, targets, weights, group_weights,
                         huber_delta=None):
   """Return (total, terms) over target groups.
@@ -83,7 +115,12 @@ def reconstruction_loss(config_loss, outputs, targets, weights, group_weights,
     terms[f'count_{name}'] = count
     if kind in CONF_KINDS:
       log_var = outputs['log_var'][name]
-      loss = confidence_weighted(kind, loss, log_var, count)
+      if jnp.ndim(log_var) == 0:
+        loss = confidence_weighted(kind, loss, log_var, count)
+      else:
+        loss = per_value_confidence(kind, error, log_var, weights[name])
+        # The logged figure is the mean log-variance over the scored values.
+        log_var = masked_mean(log_var, weights[name])[0]
       terms[f'loss_conf_{name}'] = loss
       terms[f'log_var_{name}'] = log_var
     total = total + group_weights.get(name, 1.0) * loss

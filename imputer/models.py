@@ -164,7 +164,10 @@ class MaskedImputer(nn.Module):
   group and no shared trunk, kept to compare against). When the inputs carry
   'targets_prior', each head's raw channels are a correction on top of that prior (see
   `gated_prior`). With `learn_log_var` the model owns
-  one float32 log-variance per group, bounded to [-log_var_bound, log_var_bound].
+  one float32 log-variance per group, bounded to [-log_var_bound, log_var_bound]. With
+  `variance_head` as well, a Dense head per group adds a per-value offset to it from the
+  group's features, so each timestep and channel gets its own log-variance, of shape
+  (B, W, F_g) and under the same bound.
 
   `output` selects what a call returns:
 
@@ -190,6 +193,7 @@ class MaskedImputer(nn.Module):
   conv_kernel: int = 5
   learn_log_var: bool = False
   log_var_bound: float = 6.0
+  variance_head: bool = False
   projection_dim: int = 64
   window: int = 64
   positional_embedding: bool = False
@@ -286,11 +290,14 @@ class MaskedImputer(nn.Module):
       outputs['denoised'] = {name: nn.Dense(size, name=f'denoise_head_{name}')(trunk)
                              for name, size in self.inputs}
     if self.learn_log_var:
-      outputs['log_var'] = {
-          name: self.log_var_bound * jnp.tanh(
-              self.param(f'log_var_{name}', nn.initializers.zeros, (), jnp.float32)
-              / self.log_var_bound)
-          for name, _ in self.targets}
+      outputs['log_var'] = {}
+      for name, size in self.targets:
+        s = self.param(f'log_var_{name}', nn.initializers.zeros, (), jnp.float32)
+        if self.variance_head:
+          # Zero kernel and bias: training starts from the per-group log-variance.
+          s = s + nn.Dense(size, kernel_init=nn.initializers.zeros,
+                           name=f'log_var_head_{name}')(features[name]).astype(jnp.float32)
+        outputs['log_var'][name] = self.log_var_bound * jnp.tanh(s / self.log_var_bound)
     return outputs
 
 
@@ -302,6 +309,7 @@ def build_model(config, input_layouts, target_layouts) -> MaskedImputer:
       decoder_type=m.decoder_type, decoder_layers=m.decoder_layers, num_heads=m.num_heads,
       mlp_ratio=m.mlp_ratio, dropout=m.dropout, conv_kernel=m.conv_kernel,
       learn_log_var=config.loss.kind.startswith('conf_'), log_var_bound=m.log_var_bound,
+      variance_head=m.variance_head,
       projection_dim=config.contrastive.projection_dim, window=config.data.window,
       positional_embedding=m.positional_embedding,
       sensors=sensor_tokens(input_layouts, target_layouts) if m.sensor_embedding else (),

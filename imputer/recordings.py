@@ -62,6 +62,10 @@ class Sequence:
   raw: dict[str, np.ndarray]
   observed: dict[str, np.ndarray]
   label: str | None = None
+  # The CMI table's sequence_type ('Target' or 'Non-Target') when the file has the column.
+  sequence_type: str | None = None
+  # A (T,) label per timestep from a stream with role 'label', NaN where none was recorded.
+  timestep_labels: np.ndarray | None = None
 
   @property
   def length(self) -> int:

@@ -62,9 +62,33 @@ def to_markdown(report: dict) -> str:
     for group, method, entry in _rows(scenario):
       lines.append(f"| {group} | {method} | {_fmt(entry['mae'])} | {_fmt(entry['rmse'])} | "
                    f"{_fmt(entry['r2'])} | {entry['count']} |")
+  for name, scenario in report['scenarios'].items():
+    if 'calibration' in scenario:
+      lines += [''] + calibration_lines(name, scenario['calibration'])
   if report.get('probe'):
     lines += [''] + probe.markdown_lines(report['probe'])
   return '\n'.join(lines) + '\n'
+
+
+def calibration_lines(scenario: str, calibration: dict) -> list[str]:
+  """Return the markdown table of a scenario's interval coverage and NLL per target group."""
+  lines = [f'## Calibration, {scenario}', '',
+           f"Predicted spread: {calibration['distribution']}, σ in original units. Coverage is "
+           'the fraction of scored values within ±kσ of the prediction; the expected column is '
+           'what the distribution implies. NLL is the mean negative log-likelihood per value.',
+           '', '| group | within ±1σ | expected | within ±2σ | expected | NLL | mean σ | count |',
+           '|---|---|---|---|---|---|---|---|']
+  for group, entry in calibration.items():
+    if group == 'distribution':
+      continue
+    if not entry['count']:
+      lines.append(f'| {group} | n/a | n/a | n/a | n/a | n/a | n/a | 0 |')
+      continue
+    lines.append(
+        f"| {group} | {_fmt(entry['coverage_1sigma'])} | {_fmt(entry['expected_1sigma'])} | "
+        f"{_fmt(entry['coverage_2sigma'])} | {_fmt(entry['expected_2sigma'])} | "
+        f"{_fmt(entry['nll'])} | {_fmt(entry['mean_std'])} | {entry['count']} |")
+  return lines
 
 
 def write_report(report: dict, workdir: str, name: str) -> None:

@@ -95,6 +95,9 @@ def validate(config) -> None:
   _require(m.hidden_dim >= 1 and m.hidden_dim % m.num_heads == 0, 'model.num_heads',
            m.num_heads, f'it must divide model.hidden_dim ({m.hidden_dim})')
   _require(m.log_var_bound > 0, 'model.log_var_bound', m.log_var_bound, 'use a value above 0')
+  _require(not m.variance_head or config.loss.kind.startswith('conf_'), 'model.variance_head',
+           m.variance_head, f'it needs a conf_ loss.kind (now {config.loss.kind!r}), which '
+           'trains the variances; set --config.loss.kind=conf_mse or conf_mae')
   _require(config.optim.learning_rate > 0, 'optim.learning_rate', config.optim.learning_rate,
            'use a value above 0')
 

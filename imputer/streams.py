@@ -21,6 +21,11 @@ Decisions on incomplete recordings:
   and the case is counted in `excluded`. A target group with no observed value in any
   recording raises ValueError, because that usually means a wrong file or column name.
 * A recording whose streams do not overlap in time is skipped and counted.
+
+A spec with role 'label' (at most one, with one column) is not a channel group: it is aligned
+like the others and kept per timestep in `Sequence.timestep_labels` (NaN where no sample lies
+within its `max_gap_ms`). It takes no part in splitting recordings, and a missing label file
+leaves the labels NaN, counted like a missing target file.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ import polars as pl
 from imputer import features
 from imputer import recordings
 
-ROLES = ('input', 'target')
+ROLES = ('input', 'target', 'label')
+GROUP_ROLES = ('input', 'target')  # Roles that make channel groups; both are required.
 
 _CONFIG_FIELDS = (
     'file', 'columns', 'role', 'features', 'missing_values', 'max_gap_ms', 'timestamp_column')
@@ -70,7 +76,12 @@ class StreamSpec:
     if not self.group:
       raise ValueError(f'stream group name is empty (file {self.file!r}). Give the group a name.')
     if self.role not in ROLES:
-      raise ValueError(f"{prefix}: role {self.role!r} is invalid. Use 'input' or 'target'.")
+      raise ValueError(
+          f"{prefix}: role {self.role!r} is invalid. Use 'input', 'target' or 'label'.")
+    if self.role == 'label' and len(self.columns) != 1:
+      raise ValueError(
+          f'{prefix}: a label stream has one column, got {self.columns!r}. Name the single '
+          'label column.')
     if not self.columns or not all(self.columns):
       raise ValueError(
           f'{prefix}: columns {self.columns!r} must be a non-empty list of column names, '
@@ -94,14 +105,14 @@ class StreamSpec:
 def stream_specs_from_config(streams: Mapping[str, Mapping]) -> list[StreamSpec]:
   """Build specs from a mapping of group name to fields, keeping the mapping's order.
 
-  Fields: file, columns ('x,y,z' or a list), role ('input' or 'target'), max_gap_ms, and
+  Fields: file, columns ('x,y,z' or a list), role ('input', 'target' or 'label'), max_gap_ms, and
   optionally features (default 'raw'), missing_values ('0' or a list, may be empty) and
   timestamp_column (default 'timestamp'). Accepts dicts and ml_collections ConfigDicts. A
   ConfigDict lists its keys sorted by name (checked with ml_collections 1.1), so its groups
   come out in name order.
   """
   specs = [_spec_from_fields(str(group), fields) for group, fields in streams.items()]
-  for role in ROLES:
+  for role in GROUP_ROLES:
     if not any(spec.role == role for spec in specs):
       groups = ', '.join(f'{spec.group} ({spec.role})' for spec in specs) or 'none'
       raise ValueError(
@@ -229,9 +240,12 @@ def _check_load_arguments(specs, rate_hz: float, split_gap_s: float) -> None:
   repeated = sorted({group for group in groups if groups.count(group) > 1})
   if repeated:
     raise ValueError(f'stream groups {repeated} are given more than once. Name each group once.')
-  for role in ROLES:
+  for role in GROUP_ROLES:
     if not any(spec.role == role for spec in specs):
       raise ValueError(f'no stream has role {role!r}. Give at least one {role} stream.')
+  labels = [spec.group for spec in specs if spec.role == 'label']
+  if len(labels) > 1:
+    raise ValueError(f'streams {labels} all have role label. Give at most one label stream.')
   if not math.isfinite(rate_hz) or rate_hz <= 0:
     raise ValueError(f'rate_hz {rate_hz!r} is invalid. Give a positive grid rate in Hz.')
   if not math.isfinite(split_gap_s) or split_gap_s <= 0:
@@ -280,6 +294,8 @@ def _load_recording(folder: str, subject: str, specs, rate_hz: float, split_gap_
         outside.sum())
 
   aligned = _align_streams(streams, specs, grid)
+  label = next((spec.group for spec in specs if spec.role == 'label'), None)
+  labels = aligned.pop(label)[:, 0] if label else None
   # A run of n grid points lasts n / rate_hz seconds. The tolerance absorbs rounding.
   max_gap_points = int(math.floor(split_gap_s * rate_hz + 1e-9))
   segments, gap_points, edge_points = _split_at_gaps(_any_observed(aligned), max_gap_points)
@@ -292,7 +308,9 @@ def _load_recording(folder: str, subject: str, specs, rate_hz: float, split_gap_
   for index, (start, stop) in enumerate(segments):
     raw = {group: values[start:stop] for group, values in aligned.items()}
     observed = {group: ~np.isnan(values) for group, values in raw.items()}
-    sequences.append(recordings.Sequence(f'{subject}/{index}', subject, raw, observed))
+    sequences.append(recordings.Sequence(
+        f'{subject}/{index}', subject, raw, observed,
+        timestep_labels=None if labels is None else labels[start:stop]))
 
   _log_recording(subject, grid, aligned, sequences, excluded)
   return sequences, +excluded
@@ -307,9 +325,9 @@ def _read_recording_streams(folder: str, subject: str, specs):
     stream = _read_stream_or_none(path, spec)
     if stream is None:
       reason = 'file missing' if not os.path.isfile(path) else 'no data rows'
-      excluded[f'{spec.group}: recordings without target data ({reason})'] += 1
-      logging.warning('%s: target %s has no data (%s), so it is missing in this recording.',
-                      subject, spec.group, reason)
+      excluded[f'{spec.group}: recordings without {spec.role} data ({reason})'] += 1
+      logging.warning('%s: %s %s has no data (%s), so it is missing in this recording.',
+                      subject, spec.role, spec.group, reason)
       continue
     streams[spec.group] = stream
     excluded[f'{spec.group}: rows sharing a timestamp, averaged into one'] += stream.repeated_rows
@@ -487,7 +505,7 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _check_every_group_observed(folder: str, specs, sequences) -> None:
-  for spec in specs:
+  for spec in (spec for spec in specs if spec.role in GROUP_ROLES):
     if not any(seq.observed[spec.group].any() for seq in sequences):
       raise ValueError(
           f'group {spec.group!r} has no observed value in any recording under {folder}. Check '

@@ -171,12 +171,17 @@ def evaluate_report(data: RunData, split: str, predict_fns, params, config, mesh
   key = jax.random.PRNGKey(config.seed + 1)
   scenarios = {}
   for name in evaluation.SCENARIOS:
-    _, recon, hidden = evaluation.predict_windows(
+    _, recon, hidden, log_var = evaluation.predict_windows(
         predict_fns[name], params, windows, config.eval_batch_size, mesh, key)
-    per_seq_recon = {g: evaluation.stitch(windows.index, recon[g], lengths) for g in recon}
-    per_seq_hidden = {g: evaluation.stitch(windows.index, hidden[g], lengths) for g in hidden}
+    per_seq = {kind: {g: evaluation.stitch(windows.index, arrays[g], lengths) for g in arrays}
+               for kind, arrays in (('recon', recon), ('hidden', hidden), ('log_var', log_var))}
     scenarios[name] = evaluation.score_scenario(
-        name, sequences, per_seq_recon, per_seq_hidden, data.target_layouts, data.scalers)
+        name, sequences, per_seq['recon'], per_seq['hidden'], data.target_layouts,
+        data.scalers)
+    if log_var:
+      scenarios[name]['calibration'] = evaluation.calibration(
+          config.loss.kind, sequences, per_seq['recon'], per_seq['log_var'], per_seq['hidden'],
+          data.target_layouts, data.scalers)
     if name == 'random_mask':
       scenarios[name]['mask_ratio'] = config.mask.eval_ratio
   return {
@@ -356,7 +361,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       pending, pending_start, window_start = [], done, time.perf_counter()
 
     if done % config.eval_every_steps == 0 or is_last:
-      val_metrics, recon, hidden = evaluation.predict_windows(
+      val_metrics, recon, hidden, _ = evaluation.predict_windows(
           predict_fns['random_mask'], state.params, data.validation, config.eval_batch_size,
           mesh, jax.random.PRNGKey(config.seed + 2))
       writer.write_scalars(done, {f'val/{k}': v for k, v in val_metrics.items()})

@@ -367,10 +367,16 @@ class Steps:
                             output='representation')['representation']
 
   def evaluate(self, params, batch, hidden_raw, hyper=None):
-    """Return (loss terms, reconstructions) for given hidden masks, without dropout."""
+    """Return (loss terms, reconstructions, log-variances) for given hidden masks.
+
+    Runs without dropout. The log-variances are {} without a conf_ loss; otherwise each
+    group's (a scalar, or per value with a variance head) is broadcast to its reconstruction.
+    """
     loss, (terms, outputs) = self.loss_and_outputs(params, batch, hidden_raw, None, False,
                                                    hyper=hyper)
-    return {'loss': loss, **terms}, outputs['recon']
+    log_var = {name: jnp.broadcast_to(value, outputs['recon'][name].shape)
+               for name, value in outputs.get('log_var', {}).items()}
+    return {'loss': loss, **terms}, outputs['recon'], log_var
 
 
 def create_train_state(rng, example_batch, *, model, tx, input_layouts, target_layouts,

@@ -138,3 +138,33 @@ def test_tof_image_shares_one_scale():
   np.testing.assert_allclose(image[:8], image[8:])
   assert image.min() == 0.0
   assert image.max() == 1.0
+
+
+def test_expected_coverage_of_gaussian_and_laplace():
+  np.testing.assert_allclose(evaluation.expected_coverage('conf_mse', 1), 0.682689, atol=1e-6)
+  np.testing.assert_allclose(evaluation.expected_coverage('conf_mse', 2), 0.954500, atol=1e-6)
+  np.testing.assert_allclose(evaluation.expected_coverage('conf_mae', 1),
+                             1 - np.exp(-np.sqrt(2)), rtol=1e-12)
+
+
+@pytest.mark.parametrize('kind', ['conf_mse', 'conf_mae'])
+def test_calibration_sums_by_hand(kind):
+  truth = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
+  prediction = np.array([[0.5, 1.0], [0.0, 3.15], [4.0, 9.0]])
+  std = np.array([[1.0, 2.0], [1.5, 0.1], [1.0, 1.0]])
+  scored = np.array([[True, True], [True, True], [False, True]])
+  sums = evaluation.CalibrationSums(kind)
+  sums.add(truth, prediction, std, scored)
+  result = sums.result()
+  # Errors 0.5, 0, -2, 0.15, 4 against sigma 1, 2, 1.5, 0.1, 1.
+  assert result['count'] == 5
+  assert result['coverage_1sigma'] == pytest.approx(2 / 5)
+  assert result['coverage_2sigma'] == pytest.approx(4 / 5)
+  errors, sigmas = np.array([0.5, 0, -2, 0.15, 4]), np.array([1, 2, 1.5, 0.1, 1])
+  if kind == 'conf_mse':
+    nll = 0.5 * np.log(2 * np.pi * sigmas ** 2) + 0.5 * (errors / sigmas) ** 2
+  else:
+    b = sigmas / np.sqrt(2)
+    nll = np.log(2 * b) + np.abs(errors) / b
+  assert result['nll'] == pytest.approx(nll.mean())
+  assert result['mean_std'] == pytest.approx(sigmas.mean())

@@ -139,3 +139,33 @@ def test_consistency_loss_matches_numpy():
                                         {'g': np.zeros_like(WEIGHT)})
   assert float(empty) == 0.0
   assert float(none) == 0.0
+
+
+@pytest.mark.parametrize('kind', ['conf_mse', 'conf_mae'])
+def test_per_value_log_variance_matches_hand_computation(kind):
+  s = np.array([[0.2, -0.4, 1.1], [-0.9, 0.3, 0.5]], np.float32)
+  outputs = {'recon': {'g': PRED}, 'log_var': {'g': jnp.asarray(s)}}
+  total, terms = losses.reconstruction_loss(
+      loss_config(kind), outputs, {'g': TARGET}, {'g': WEIGHT}, {})
+  error = numpy_error(kind.removeprefix('conf_'))
+  if kind == 'conf_mse':
+    per_value = 0.5 * np.exp(-s) * error + 0.5 * s
+  else:
+    per_value = np.exp(-s) * error + s
+  np.testing.assert_allclose(float(total), per_value[WEIGHT].mean(), rtol=1e-6)
+  np.testing.assert_allclose(float(terms['log_var_g']), s[WEIGHT].mean(), rtol=1e-6)
+  # A constant per-value s gives the per-group form.
+  constant = {'recon': {'g': PRED}, 'log_var': {'g': jnp.full(s.shape, 0.7)}}
+  scalar = {'recon': {'g': PRED}, 'log_var': {'g': jnp.float32(0.7)}}
+  a = losses.reconstruction_loss(loss_config(kind), constant, {'g': TARGET}, {'g': WEIGHT}, {})
+  b = losses.reconstruction_loss(loss_config(kind), scalar, {'g': TARGET}, {'g': WEIGHT}, {})
+  np.testing.assert_allclose(float(a[0]), float(b[0]), rtol=1e-6)
+  # Nothing to score: exactly 0.
+  empty = losses.reconstruction_loss(loss_config(kind), outputs, {'g': TARGET},
+                                     {'g': np.zeros_like(WEIGHT)}, {})
+  assert float(empty[0]) == 0.0
+
+
+def test_predictive_std_of_each_distribution():
+  np.testing.assert_allclose(losses.predictive_std('conf_mse', np.log(4.0)), 2.0)
+  np.testing.assert_allclose(losses.predictive_std('conf_mae', np.log(3.0)), 3.0 * np.sqrt(2.0))

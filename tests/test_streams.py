@@ -518,3 +518,34 @@ def test_stream_preset_needs_a_folder(path):
   with pytest.raises(ValueError, match=f"data.streams describes sensor streams, but "
                                        f"data.path='{path}' is not a folder"):
     sources.load_recordings(config.data)
+
+
+def test_label_stream_gives_per_timestep_labels_and_leaves_groups_alone():
+  specs = streams.stream_specs_from_config(bfrb_watch.get_config().data.streams.to_dict())
+  assert [spec.group for spec in specs if spec.role == 'label'] == ['behaviour']
+  plain = streams.load_streams(FIXTURE, [s for s in specs if s.role != 'label'], 10.0)
+  labelled = streams.load_streams(FIXTURE, specs, 10.0)
+  assert [s.sequence_id for s in labelled.sequences] == [s.sequence_id for s in plain.sequences]
+  assert [g.name for g in labelled.groups] == [g.name for g in plain.groups]
+  for a, b in zip(plain.sequences, labelled.sequences):
+    assert a.timestep_labels is None
+    assert b.timestep_labels.shape == (b.length,)
+    for name in a.raw:
+      np.testing.assert_array_equal(a.raw[name], b.raw[name])
+  # The grid point nearest each accelerometer row carries that row's label.
+  values = np.concatenate([s.timestep_labels for s in labelled.sequences])
+  file_labels = set()
+  for subject in ('exp-5', 'exp-7', 'exp-9'):
+    frame = pl.read_csv(os.path.join(FIXTURE, subject, 'accLabeled.csv'),
+                        columns=['label'])
+    file_labels |= set(frame['label'].to_list())
+  finite = values[np.isfinite(values)]
+  assert finite.size > 0.9 * values.size
+  assert set(np.unique(finite)) <= {float(v) for v in file_labels}
+  assert len(np.unique(finite)) >= 2
+
+
+def test_label_stream_needs_one_column():
+  with pytest.raises(ValueError, match='a label stream has one column'):
+    streams.StreamSpec(group='behaviour', file='accLabeled.csv', columns=('label', 'stage'),
+                       role='label', max_gap_ms=150.0)

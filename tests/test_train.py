@@ -9,43 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import phase1
 from imputer import augment
 from imputer import evaluation
 from imputer import models
 from imputer import sources
 from imputer import train
 from imputer import training
-
-
-def tiny_config(**overrides):
-  config = phase1.get_config()
-  config.data.synthetic.num_subjects = 6
-  config.data.synthetic.sequences_per_subject = 8
-  config.data.synthetic.min_length = 20
-  config.data.synthetic.max_length = 40
-  config.data.num_folds = 3
-  config.data.window = 16
-  config.data.train_stride = 8
-  config.model.hidden_dim = 16
-  config.model.encoder_layers = 1
-  config.model.decoder_layers = 1
-  config.model.num_heads = 2
-  config.batch_size = 8
-  config.num_epochs = 100
-  config.eval_batch_size = 16
-  config.optim.warmup_steps = 5
-  config.log_every_steps = 10
-  config.eval_every_steps = 20
-  config.checkpoint_every_steps = 20
-  config.max_checkpoints_to_keep = 5
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+from tests.helpers import tiny_config  # noqa: F401  (other test files use it from here)
 
 
 def read_metrics(workdir):
