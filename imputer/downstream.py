@@ -18,7 +18,7 @@ minimum over its pixels at every timestep. A feature that has no value in a sequ
 the training-fold mean, and every feature is then standardised with training-fold statistics.
 
 Classifier: multinomial logistic regression with an L2 penalty on the weights (the
-intercepts are not penalised). It is fitted by full-batch gradient descent with Nesterov
+intercepts are not penalised), each class weighted equally (`class_balanced_weights`). It is fitted by full-batch gradient descent with Nesterov
 momentum: `ITERATIONS` steps of size 1/L from zero, where L bounds the curvature of the loss,
 so the fit is deterministic. The L2 strength comes from `L2_STRENGTHS`: each candidate is fitted
 on part of the training subjects and scored on the rest (about one in `INNER_FOLDS`, grouped
@@ -325,13 +325,22 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
   return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+def class_balanced_weights(labels: np.ndarray) -> np.ndarray:
+  """Return per-row weights N / (K · n_k) that give each present class the same total."""
+  classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+  return len(labels) / (len(classes) * counts[inverse].astype(np.float64))
+
+
 def fit_classifier(features: np.ndarray, labels: np.ndarray, num_classes: int,
                    l2_strength: float, iterations: int = ITERATIONS) -> Classifier:
   """Fit multinomial logistic regression to (N, F) finite features and (N,) class indices.
 
-  Minimises the mean cross-entropy plus l2_strength / 2 * |weights|². The softmax Hessian is
-  at most 1/2 times the Gram matrix, so L = |X|₂² / (2N) + l2_strength bounds the curvature
-  (X with a column of ones for the intercepts) and 1/L is a safe step.
+  Minimises the class-balanced mean cross-entropy plus l2_strength / 2 * |weights|². Each row
+  weighs N / (K · n_k), for K classes present and n_k rows of its class, so every class
+  counts equally. Rare classes would otherwise never be predicted, which F1 punishes. The
+  softmax Hessian is at most 1/2 times the weighted Gram matrix, so
+  L = |√w X|₂² / (2N) + l2_strength bounds the curvature (X with a column of ones for the
+  intercepts) and 1/L is a safe step.
   """
   features = np.asarray(features, dtype=np.float64)
   labels = np.asarray(labels)
@@ -353,13 +362,15 @@ def fit_classifier(features: np.ndarray, labels: np.ndarray, num_classes: int,
   one_hot = np.eye(num_classes)[labels]
   penalty = np.full((num_features + 1, 1), float(l2_strength))
   penalty[-1] = 0.0
-  step = 1.0 / (np.linalg.norm(design, 2) ** 2 / (2.0 * num_rows) + l2_strength)
+  weights = class_balanced_weights(labels)
+  curvature = np.linalg.norm(np.sqrt(weights)[:, None] * design, 2) ** 2 / (2.0 * num_rows)
+  step = 1.0 / (curvature + l2_strength)
 
   params = np.zeros((num_features + 1, num_classes))
   previous = params
   for iteration in range(iterations):
     lookahead = params + iteration / (iteration + 3.0) * (params - previous)
-    residual = _softmax(design @ lookahead) - one_hot
+    residual = (_softmax(design @ lookahead) - one_hot) * weights[:, None]
     gradient = design.T @ residual / num_rows + penalty * lookahead
     previous, params = params, lookahead - step * gradient
   return Classifier(params[:-1], params[-1])
@@ -559,7 +570,7 @@ def to_markdown(report: dict) -> str:
         f'{count} x {reason}' for reason, count in report['left_out_examples'].items()) + '.']
   lines += [
       '', '## Per fold', '',
-      '| fold | imputer role | test subjects | test sequences | setting | L2 strength | '
+      '| fold | imputer role | test subjects | test examples | setting | L2 strength | '
       'binary F1 | macro F1 | score |',
       '|---|---|---|---|---|---|---|---|---|']
   for fold in report['folds']:

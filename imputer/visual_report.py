@@ -46,6 +46,8 @@ MAX_LINE_COLUMNS = 16  # A target group with more raw columns gets no line figur
 FRAME_SIDE = 8  # A frame sensor is an 8x8 grid of pixels in row-major column order.
 FRAME_PIXELS = FRAME_SIDE * FRAME_SIDE
 FRAME_TIMESTEPS = 4
+# A longer sequence is drawn over this many timesteps (see `drawn_span`), so lines stay legible.
+MAX_DRAWN_TIMESTEPS = 600
 CURVE_COLUMNS = 3  # Subplots per row of the training-curve figure.
 LOSS_PREFIXES = ('train/loss', 'val/loss')
 
@@ -247,8 +249,8 @@ def plot_loss_curves(loss_curves: LossCurves) -> plt.Figure:
 # Figures of one sequence.
 
 
-def _timesteps(sequence) -> np.ndarray:
-  return np.arange(sequence.length)
+def _timesteps(sequence, first_timestep: int = 0) -> np.ndarray:
+  return first_timestep + np.arange(sequence.length)
 
 
 def _label_timesteps(axis) -> None:
@@ -256,12 +258,12 @@ def _label_timesteps(axis) -> None:
   axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
 
 
-def plot_inputs(sequence, input_layouts) -> plt.Figure:
+def plot_inputs(sequence, input_layouts, first_timestep: int = 0) -> plt.Figure:
   """Draw every raw input column over time, one subplot per input group."""
   figure, axes = plt.subplots(
       len(input_layouts), 1, squeeze=False, sharex=True, layout='constrained',
       figsize=(SERIES_WIDTH, INPUT_PANEL_HEIGHT * len(input_layouts) + TITLE_HEIGHT))
-  t = _timesteps(sequence)
+  t = _timesteps(sequence, first_timestep)
   for axis, layout in zip(axes[:, 0], input_layouts):
     values = np.where(sequence.observed[layout.name], sequence.raw[layout.name], np.nan)
     for column, name in enumerate(layout.spec.columns):
@@ -284,7 +286,7 @@ def _column_title(name: str, truth: np.ndarray, mean: np.ndarray) -> str:
   return f'{name}: MAE {error:.3g} over {int(observed.sum())} observed values'
 
 
-def plot_target_columns(sequence, layout, prediction) -> plt.Figure:
+def plot_target_columns(sequence, layout, prediction, first_timestep: int = 0) -> plt.Figure:
   """Draw each raw column of a target group: observed truth against the imputed mean.
 
   The shaded band is mean ± 1 predicted standard deviation, drawn only when
@@ -294,7 +296,7 @@ def plot_target_columns(sequence, layout, prediction) -> plt.Figure:
   figure, axes = plt.subplots(
       layout.num_raw, 1, squeeze=False, sharex=True, layout='constrained',
       figsize=(SERIES_WIDTH, TARGET_PANEL_HEIGHT * layout.num_raw + TITLE_HEIGHT))
-  t = _timesteps(sequence)
+  t = _timesteps(sequence, first_timestep)
   truth = np.where(sequence.observed[name], sequence.raw[name], np.nan)
   mean = prediction.mean[name]
   for column, axis in enumerate(axes[:, 0]):
@@ -317,7 +319,8 @@ def _frame_colormap():
   return plt.get_cmap('viridis').with_extremes(bad='lightgrey')  # Grey: missing truth pixels.
 
 
-def plot_frames(sequence, layout, prediction, count: int = FRAME_TIMESTEPS) -> plt.Figure:
+def plot_frames(sequence, layout, prediction, count: int = FRAME_TIMESTEPS,
+                first_timestep: int = 0) -> plt.Figure:
   """Draw true and imputed 8x8 frames of every sensor at up to `count` timesteps.
 
   Each timestep takes two rows: the truth, with missing pixels in grey, and the imputed mean
@@ -345,7 +348,7 @@ def plot_frames(sequence, layout, prediction, count: int = FRAME_TIMESTEPS) -> p
         axis.set_xticks([])
         axis.set_yticks([])
         if s == 0:
-          axis.set_ylabel(f't={t}\n{kind}', fontsize='small')
+          axis.set_ylabel(f't={first_timestep + t}\n{kind}', fontsize='small')
     axes[0, s].set_title(layout.spec.sensors[s], fontsize='small')
     figure.colorbar(image, ax=axes[:, s], location='bottom', shrink=0.9)
   figure.suptitle(f'{sequence.sequence_id} (subject {sequence.subject}): {name} frames')
@@ -353,6 +356,45 @@ def plot_frames(sequence, layout, prediction, count: int = FRAME_TIMESTEPS) -> p
 
 
 # Writing the report.
+
+
+def drawn_span(sequence, target_layouts, length: int = MAX_DRAWN_TIMESTEPS) -> slice:
+  """Return the `length` timesteps of a long sequence where the observed targets change most.
+
+  A timestep's activity is the sum over target columns of |change from the previous
+  timestep| divided by the column's standard deviation in the sequence, with missing values
+  counting 0. The span with the largest total wins (the earliest on a tie). A sequence of at
+  most `length` timesteps is drawn whole.
+  """
+  if sequence.length <= length:
+    return slice(0, sequence.length)
+  activity = np.zeros(sequence.length)
+  for layout in target_layouts:
+    truth = np.where(sequence.observed[layout.name], sequence.raw[layout.name], np.nan)
+    if not np.isfinite(truth).any():
+      continue
+    scale = np.nanstd(truth, axis=0)
+    change = np.abs(np.diff(truth, axis=0)) / np.where(scale > 0, scale, np.inf)
+    activity[1:] += np.nansum(np.nan_to_num(change, nan=0.0), axis=1)
+  totals = np.convolve(activity, np.ones(length), mode='valid')
+  start = int(np.argmax(totals))
+  return slice(start, start + length)
+
+
+def crop_sequence(sequence, span: slice):
+  """Return the rows `span` of a sequence, for drawing."""
+  return dataclasses.replace(
+      sequence, raw={name: values[span] for name, values in sequence.raw.items()},
+      observed={name: mask[span] for name, mask in sequence.observed.items()},
+      timestep_labels=None if sequence.timestep_labels is None
+      else sequence.timestep_labels[span])
+
+
+def crop_prediction(prediction, span: slice):
+  """Return the rows `span` of an `impute.Prediction`."""
+  std = None if prediction.std is None else {n: v[span] for n, v in prediction.std.items()}
+  return dataclasses.replace(prediction, mean={n: v[span] for n, v in prediction.mean.items()},
+                             std=std)
 
 
 def _file_stem(index: int, sequence_id: str) -> str:
@@ -366,9 +408,9 @@ def _save(figure: plt.Figure, folder: str, file_name: str, caption: str) -> Repo
   return ReportFigure(file_name, caption)
 
 
-def _frames_caption(sequence, layout) -> str:
+def _frames_caption(sequence, layout, first_timestep: int = 0) -> str:
   observed = sequence.observed[layout.name]
-  timesteps = ', '.join(str(t) for t in frame_timesteps(observed))
+  timesteps = ', '.join(str(first_timestep + t) for t in frame_timesteps(observed))
   where = ('with observed truth' if observed.any()
            else 'spread over the sequence, which has no observed value of the group')
   return (f'{layout.name}: true frames (missing pixels grey) above imputed frames at timesteps '
@@ -376,25 +418,26 @@ def _frames_caption(sequence, layout) -> str:
 
 
 def write_sequence_figures(folder: str, index: int, sequence, prediction, input_layouts,
-                           target_layouts) -> list[ReportFigure]:
+                           target_layouts, first_timestep: int = 0) -> list[ReportFigure]:
   """Write the figures of the `index`-th sequence of the report and return them in page order.
 
-  A target group whose `target_figure_kind` is None gets no figure.
+  A target group whose `target_figure_kind` is None gets no figure. `first_timestep` is the
+  position of the sequence's first row in its recording, for the time axis.
   """
   stem = _file_stem(index, sequence.sequence_id)
-  written = [_save(plot_inputs(sequence, input_layouts), folder, f'{stem}_inputs.png',
+  written = [_save(plot_inputs(sequence, input_layouts, first_timestep), folder, f'{stem}_inputs.png',
                    'Input channels, the only values the model saw (gaps are missing values).')]
   band = ('shaded band: ±1 predicted standard deviation' if prediction.std is not None
           else 'no band: the run learned no variance')
   for layout in target_layouts:
     kind = target_figure_kind(layout)
     if kind == 'columns':
-      figure = plot_target_columns(sequence, layout, prediction)
+      figure = plot_target_columns(sequence, layout, prediction, first_timestep)
       caption = (f'{layout.name}: observed truth (dots) against the imputed mean (line); '
                  f'{band}.')
     elif kind == 'frames':
-      figure = plot_frames(sequence, layout, prediction)
-      caption = _frames_caption(sequence, layout)
+      figure = plot_frames(sequence, layout, prediction, first_timestep=first_timestep)
+      caption = _frames_caption(sequence, layout, first_timestep)
     else:
       continue
     written.append(_save(figure, folder, f'{stem}_{layout.name}.png', caption))
@@ -501,16 +544,22 @@ def write_visual_report(workdir: str, sequence_ids: list[str], stride: int | Non
   imputer = impute.load_imputer(workdir, recording_set)
   predictions = impute.predict_sequences(imputer, sequences, stride, show_targets=False)
 
+  spans = [drawn_span(seq, imputer.target_layouts) for seq in sequences]
   folder = os.path.join(workdir, REPORT_FOLDER)
   os.makedirs(folder, exist_ok=True)
   _clear_folder(folder)
   sections = {
-      seq.sequence_id: write_sequence_figures(folder, i, seq, prediction, imputer.input_layouts,
-                                              imputer.target_layouts)
-      for i, (seq, prediction) in enumerate(zip(sequences, predictions))}
+      seq.sequence_id: write_sequence_figures(
+          folder, i, crop_sequence(seq, span), crop_prediction(prediction, span),
+          imputer.input_layouts, imputer.target_layouts, span.start)
+      for i, (seq, prediction, span) in enumerate(zip(sequences, predictions, spans))}
   curves, curve_note = write_curve_figure(folder, workdir)
 
   notes = undrawn_groups(imputer.target_layouts)
+  notes += [f'{seq.sequence_id} has {seq.length} timesteps, so the figures show timesteps '
+            f'{span.start}..{span.stop - 1}, the {MAX_DRAWN_TIMESTEPS} where the observed '
+            'targets change most.'
+            for seq, span in zip(sequences, spans) if span.stop - span.start < seq.length]
   for note in notes:
     logging.warning('Visual report: no figure for target group %s', note)
   if curves is None:

@@ -190,11 +190,19 @@ def test_classifier_reaches_penalised_optimum():
   classifier = downstream.fit_classifier(features, labels, 3, l2_strength)
   logits = features @ classifier.weights + classifier.intercepts
   probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-  residual = probabilities - np.eye(3)[labels]
+  # Class-balanced rows: each weighs 80 / (3 * rows of its class).
+  counts = np.bincount(labels, minlength=3)
+  row_weights = 80 / (3 * counts[labels])
+  residual = (probabilities - np.eye(3)[labels]) * row_weights[:, None]
   weight_gradient = features.T @ residual / 80 + l2_strength * classifier.weights
   intercept_gradient = residual.mean(axis=0)
   assert np.abs(weight_gradient).max() < 1e-6
   assert np.abs(intercept_gradient).max() < 1e-6
+
+
+def test_class_balanced_weights_by_hand():
+  weights = downstream.class_balanced_weights(np.array([0, 0, 0, 1, 2, 2]))
+  np.testing.assert_allclose(weights, [6 / 9, 6 / 9, 6 / 9, 2.0, 1.0, 1.0])
 
 
 def test_classifier_rejects_missing_features():

@@ -382,3 +382,17 @@ def test_frames_share_one_colour_scale_per_sensor():
     np.testing.assert_allclose(images[1].get_array(),
                                prediction.mean['depth'][5, pixels].reshape(8, 8))
   vr.plt.close(figure)
+
+
+def test_drawn_span_picks_the_most_active_timesteps():
+  values = np.zeros((1000, 1))
+  values[700:720, 0] = np.sin(np.arange(20))  # The only change in the sequence.
+  observed = np.ones_like(values, bool)
+  sequence = recordings.Sequence('long', 's1', {'ppg': values}, {'ppg': observed})
+  layout = layout_lib.build_layouts((recordings.single_sensor_group('ppg', ('ppg',)),))[0]
+  span = vr.drawn_span(sequence, [layout], length=100)
+  assert span.stop - span.start == 100
+  assert span.start <= 700
+  assert span.stop >= 721
+  short = recordings.Sequence('short', 's1', {'ppg': values[:50]}, {'ppg': observed[:50]})
+  assert vr.drawn_span(short, [layout], length=100) == slice(0, 50)
