@@ -16,6 +16,7 @@ distributed runtime when asked, and prints which process this is.
 
 import logging as pylogging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -73,7 +74,12 @@ def main(argv):
   logging.info('Process %d of %d | local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   if _MODE.value != 'train':
-    _use_trained()
+    try:
+      _use_trained()
+    except ValueError as error:
+      # A bad file or workdir: the message names it and the fix, so no traceback is printed.
+      logging.error('%s', error)
+      sys.exit(1)
     return
   config = _CONFIG.value
   if config.study.ablations or config.study.grid:

@@ -10,6 +10,8 @@ five 8x8 time-of-flight sensors tof_1_v0..tof_5_v63. ToF values are distances wh
 from __future__ import annotations
 
 import collections
+import csv
+import os
 import pathlib
 
 import numpy as np
@@ -85,6 +87,28 @@ def check_table_path(path: str) -> pathlib.Path:
   return file
 
 
+def check_last_csv_row(path, num_columns: int) -> None:
+  """Raise ValueError when the last row of a CSV has fewer fields than the header.
+
+  A file cut off while being copied or written ends in a partial row. A CSV reader fills the
+  missing fields of a short row with nulls, which would pass as missing values.
+
+  NOTE: only the last row is checked. A short row inside the file still reads as missing
+  values in its absent fields.
+  """
+  with open(path, 'rb') as f:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(max(size - (1 << 20), 0))
+    tail = f.read().rstrip(b'\r\n')
+  last = tail.rsplit(b'\n', 1)[-1].decode('utf-8', errors='replace')
+  fields = next(csv.reader([last]), [])
+  if len(fields) < num_columns:
+    raise ValueError(
+        f'{path}: the last row has {len(fields)} of the header\'s {num_columns} fields, so the '
+        'file looks cut off; copy or export the complete file again.')
+
+
 def read_csv_header(file) -> list[str]:
   """Return the column names of a CSV file, raising ValueError when it has no header row."""
   try:
@@ -104,6 +128,13 @@ def csv_schema_overrides(header) -> dict:
 
 def _read_csv(file: pathlib.Path) -> pl.DataFrame:
   header = read_csv_header(file)
+  frame = _parse_csv(file, header)
+  # Checked after parsing, so that a parser error (such as an open quote) is named first.
+  check_last_csv_row(file, len(header))
+  return frame
+
+
+def _parse_csv(file: pathlib.Path, header: list[str]) -> pl.DataFrame:
   text_types = {name: pl.String for name in header if name in _TEXT_COLUMNS}
   numeric_types = {name: pl.Float64 for name in header if name in NUMERIC_COLUMNS}
   try:

@@ -64,7 +64,6 @@ from absl import logging
 
 from imputer import folds
 from imputer import impute
-from imputer import sources
 
 SETTINGS = ('imu_only', 'imu_imputed', 'imu_real')
 TARGET_TYPE, NON_TARGET_TYPE = 'Target', 'Non-Target'
@@ -608,7 +607,8 @@ def run(workdir: str, stride: int | None) -> str:
   """
   config = impute.read_workdir_config(workdir)
   data = config.data
-  recording_set, left_out, unit = examples(sources.load_recordings(data), data.window)
+  loaded = impute.load_workdir_data(workdir, config)
+  recording_set, left_out, unit = examples(loaded, data.window)
   sequences = recording_set.sequences
   gestures = gesture_classes(sequences, recording_set.source)
   imputer = impute.load_imputer(workdir, recording_set)

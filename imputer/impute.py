@@ -49,6 +49,7 @@ from imputer import layout as layout_lib
 from imputer import losses
 from imputer import models
 from imputer import scaling
+from imputer import sources
 from imputer import training
 from imputer import windows as windows_lib
 
@@ -110,7 +111,9 @@ def _restore(workdir: str, config, model, input_layouts, target_layouts):
     raise ValueError(
         f'{workdir} has no checkpoint (checkpoints_best/ and checkpoints/ are missing or empty); '
         'train the run to at least its first checkpoint, or give another --workdir.')
-  tx = training.make_optimizer(config.optim, training.make_schedule(config.optim, 1))
+  # Only the optimizer state's structure matters here, so any run length past warmup does.
+  schedule = training.make_schedule(config.optim, config.optim.warmup_steps + 2)
+  tx = training.make_optimizer(config.optim, schedule)
   queue_size = config.contrastive.queue_size if config.lambda_contrastive > 0 else 0
   state = jax.jit(lambda key, example: training.create_train_state(
       key, example, model=model, tx=tx, input_layouts=input_layouts,
@@ -124,6 +127,11 @@ def _restore(workdir: str, config, model, input_layouts, target_layouts):
     kind = 'best by validation loss'
     if restored is None:
       restored, kind = checkpoints.restore_latest(abstract), 'latest'
+  except (KeyError, FileNotFoundError, ValueError) as error:
+    raise ValueError(
+        f'{workdir}: the checkpoint could not be read ({error}); it may be incomplete, for '
+        'example from a run stopped while saving. Resume the training run to write a new '
+        'one, or give another --workdir.') from error
   finally:
     checkpoints.close()
   if restored is None:
@@ -260,15 +268,22 @@ def _scan(path: str, source: str) -> pl.LazyFrame:
                    '.parquet file.')
 
 
-def _check_input(path: str) -> list[str]:
-  """Check that `path` is a readable, non-empty CMI table; return its column names."""
+def _check_input(path: str) -> int:
+  """Check that `path` is a readable CMI table with data rows; return its number of rows."""
   cmi.check_table_path(path)
+  kind = 'CSV' if path.lower().endswith('.csv') else 'parquet'
   try:
     columns = _scan(path, path).collect_schema().names()
+    rows = _scan(path, path).select(pl.len()).collect().item()
   except pl.exceptions.PolarsError as error:
     raise ValueError(f'{path}: could not be read ({error}); check that the file is a complete '
-                     'CSV or parquet table.') from error
+                     f'{kind} table.') from error
   cmi.check_columns(columns, path)
+  if rows == 0:
+    raise ValueError(f'{path}: the table has a header but no data rows; check that the export '
+                     'wrote the rows.')
+  if kind == 'CSV':
+    cmi.check_last_csv_row(path, len(columns))
   target_columns = [c for _, cols in _target_columns() for c in cols]
   produced = [f'{g}{IMPUTED_SUFFIX}' for g, _ in _target_columns()]
   produced += [f'{c}{STD_SUFFIX}' for c in target_columns]
@@ -277,7 +292,7 @@ def _check_input(path: str) -> list[str]:
     raise ValueError(
         f'{path}: already has the column(s) {", ".join(clash[:5])}, which impute mode writes; '
         'rename or drop them, or impute the original table.')
-  return columns
+  return rows
 
 
 def _target_columns():
@@ -315,6 +330,10 @@ def _chunks(path: str, chunk_rows: int) -> Iterator[tuple[int, pl.DataFrame]]:
 
 def _check_contiguous(chunk: pl.DataFrame, finished: set, path: str, first_row: int) -> None:
   ids = chunk['sequence_id'].cast(pl.String)
+  if ids.null_count():
+    row = first_row + int(ids.is_null().arg_true()[0])
+    raise ValueError(f'{path}: column \'sequence_id\' is empty at data row {row}; every row '
+                     'needs a sequence_id, so fill it in or remove the row.')
   runs = ids.rle()
   values = runs.struct.field('value').to_list()
   lengths = runs.struct.field('len').to_list()
@@ -432,6 +451,30 @@ def _chunks_as_text(path: str, chunk_rows: int):
     first_row += batch.height
 
 
+def _check_output(input_path: str, output_path: str) -> None:
+  if pathlib.Path(output_path).suffix.lower() not in ('.csv', '.parquet'):
+    raise ValueError(f'--output={output_path!r}: give a .csv or .parquet path.')
+  if os.path.isdir(output_path):
+    raise ValueError(f'--output={output_path!r} is a folder; give a file path inside it.')
+  folder = os.path.dirname(os.path.abspath(output_path))
+  if not os.path.isdir(folder):
+    raise ValueError(f'--output={output_path!r}: the folder {folder} does not exist; create it '
+                     'first.')
+  if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+    raise ValueError(f'--output={output_path!r} is the input file; write to another path.')
+
+
+def load_workdir_data(workdir: str, config):
+  """Load the recordings that trained the run in `workdir`, naming config.json on failure."""
+  try:
+    return sources.load_recordings(config.data)
+  except ValueError as error:
+    raise ValueError(
+        f'{workdir}: the training data named in config.json could not be loaded: {error} '
+        f'Restore the data at data.path={config.data.path!r}, or edit data.path in '
+        f'{os.path.join(workdir, "config.json")} to where it now lives.') from error
+
+
 def impute_file(workdir: str, input_path: str, output_path: str, uncertainty: bool = False,
                 chunk_rows: int = 50_000, stride: int | None = None,
                 progress: bool = True) -> dict:
@@ -440,13 +483,10 @@ def impute_file(workdir: str, input_path: str, output_path: str, uncertainty: bo
   Returns the counts that are also logged: rows, sequences and filled values per group.
   """
   import tqdm  # pylint: disable=import-outside-toplevel
-  if pathlib.Path(output_path).suffix.lower() not in ('.csv', '.parquet'):
-    raise ValueError(f'--output={output_path!r}: give a .csv or .parquet path.')
-  if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
-    raise ValueError(f'--output={output_path!r} is the input file; write to another path.')
+  _check_output(input_path, output_path)
   if chunk_rows < 1:
-    raise ValueError(f'chunk_rows={chunk_rows} is invalid; use 1 or more rows.')
-  _check_input(input_path)
+    raise ValueError(f'--chunk_rows={chunk_rows} is invalid; use 1 or more rows.')
+  total_rows = _check_input(input_path)
   imputer = load_imputer(workdir)
   if uncertainty and not imputer.has_variance:
     raise ValueError(
@@ -454,7 +494,6 @@ def impute_file(workdir: str, input_path: str, output_path: str, uncertainty: bo
         'variance, so there is no standard deviation to write; drop --uncertainty, or train '
         'with a conf_ loss (configs/phase1.py and later), ideally with '
         '--config.model.variance_head=True.')
-  total_rows = _scan(input_path, input_path).select(pl.len()).collect().item()
   source = f'CMI file {input_path}'
   partial = f'{output_path}.partial'
   writer = _open_writer(partial, output_path)

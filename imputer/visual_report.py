@@ -36,7 +36,6 @@ from absl import logging  # noqa: E402
 
 from imputer import folds  # noqa: E402
 from imputer import impute  # noqa: E402
-from imputer import sources  # noqa: E402
 
 REPORT_FOLDER = 'visual_report'
 INDEX_FILE = 'index.html'
@@ -535,7 +534,7 @@ def write_visual_report(workdir: str, sequence_ids: list[str], stride: int | Non
   """
   config = impute.read_workdir_config(workdir)
   _check_stride(stride, config.data.window)
-  recording_set = sources.load_recordings(config.data)
+  recording_set = impute.load_workdir_data(workdir, config)
   split = folds.split_subjects(recording_set, config.data.num_folds, config.data.fold,
                                config.data.split_seed)
   sequences = choose_sequences(recording_set, split.test, list(sequence_ids or []))

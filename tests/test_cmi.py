@@ -1,5 +1,6 @@
 """Tests for the CMI table source: observed masks, ordering, labels, files and errors."""
 
+import os
 import math
 
 import numpy as np
@@ -464,3 +465,12 @@ def test_fractional_counter_raises():
       pl.Series('sequence_counter', [0.0, 1.5], dtype=pl.Float64))
   with pytest.raises(ValueError, match=r"non-integer value 1.5 at data row 2"):
     load(frame)
+
+
+def test_cut_off_csv_raises(tmp_path):
+  path = tmp_path / 'train.csv'
+  cmi_frame([{}, {}, {}]).write_csv(path)
+  with open(path, 'rb+') as f:
+    f.truncate(os.path.getsize(path) - 200)
+  with pytest.raises(ValueError, match=r'train.csv: the last row has \d+ of the header\'s'):
+    cmi.read_table(str(path))

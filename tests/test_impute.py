@@ -205,8 +205,58 @@ def test_launch_impute_mode(trained_cmi_run, blanked):
   written = pl.read_parquet(output)
   assert 'thm_1_std' in written.columns
   assert not np.isnan(as_float(written)).any()
+  # A bad input ends with the message alone, without a traceback.
   result = subprocess.run(
       [sys.executable, 'launch.py', '--mode=impute', f'--workdir={trained_cmi_run.workdir}',
-       f'--input={path}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0
-  assert '--output' in result.stderr
+       f'--input={root}/absent.csv', f'--output={root}/out.csv'], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert 'absent.csv: file not found' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def truncated(frame, path):
+  frame.write_csv(path)
+  with open(path, 'rb+') as f:
+    f.truncate(os.path.getsize(path) - 1500)
+
+
+def empty_sequence_id(frame, path):
+  frame.with_columns(pl.when(pl.int_range(pl.len()) == 30).then(None)
+                     .otherwise(pl.col('sequence_id')).alias('sequence_id')).write_csv(path)
+
+
+def header_only(frame, path):
+  frame.head(0).write_csv(path)
+
+
+@pytest.mark.parametrize('make, message', [
+    (truncated, r'the last row has \d+ of the header\'s 341 fields, so the file looks cut off'),
+    (empty_sequence_id, r"column 'sequence_id' is empty at data row 31"),
+    (header_only, 'the table has a header but no data rows'),
+])
+def test_bad_input_is_named(trained_cmi_run, tmp_path, make, message):
+  path = str(tmp_path / 'input.csv')
+  make(trained_cmi_run.frame, path)
+  output = tmp_path / 'out.csv'
+  with pytest.raises(ValueError, match=message):
+    impute.impute_file(trained_cmi_run.workdir, path, str(output), progress=False)
+  assert not os.path.exists(output)
+
+
+def test_bad_output_path_is_named(trained_cmi_run, blanked, tmp_path):
+  _, _, path, _ = blanked
+  with pytest.raises(ValueError, match='does not exist; create it first'):
+    impute.impute_file(trained_cmi_run.workdir, path, str(tmp_path / 'no' / 'out.csv'))
+  (tmp_path / 'folder.csv').mkdir()
+  with pytest.raises(ValueError, match='is a folder'):
+    impute.impute_file(trained_cmi_run.workdir, path, str(tmp_path / 'folder.csv'))
+
+
+def test_incomplete_checkpoint_is_named(trained_cmi_run, blanked, tmp_path):
+  _, _, path, _ = blanked
+  workdir = tmp_path / 'stopped'
+  (workdir / 'checkpoints' / '10').mkdir(parents=True)
+  shutil.copy(os.path.join(trained_cmi_run.workdir, 'config.json'), workdir / 'config.json')
+  with pytest.raises(ValueError, match='the checkpoint could not be read'):
+    impute.impute_file(str(workdir), path, str(tmp_path / 'out.csv'), progress=False)
