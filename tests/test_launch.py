@@ -36,7 +36,21 @@ def read_report(workdir):
     return json.load(f)
 
 
-@pytest.mark.parametrize('config', ['configs/phase1.py', 'configs/phase6.py'])
+def test_cmi_csv_run_reports_and_probes(trained_cmi_run):
+  # The session's phase 1 run, trained in-process on a CMI CSV with IMU-only sequences.
+  report = read_report(trained_cmi_run.workdir)
+  assert report['source'] == f'CMI file {trained_cmi_run.csv}'
+  assert report['synthetic'] is False
+  assert set(report['scenarios']) == {'random_mask', 'imu_only'}
+  thm = report['scenarios']['random_mask']['model']['thm']
+  assert thm['count'] > 0
+  assert np.isfinite(thm['mae'])
+  assert report['sequences']['skipped_without_ground_truth'] > 0
+  assert report['probe']['gesture']['model']['scored_windows'] > 0
+  assert set(report['scenarios']['imu_only']['calibration']) == {'distribution', 'thm', 'tof'}
+
+
+@pytest.mark.parametrize('config', ['configs/phase6.py'])
 def test_cmi_csv_imu_only_and_no_return(tmp_path, config):
   frame = synthetic.generate_cmi_frame(num_subjects=4, sequences_per_subject=4, min_length=20,
                                        max_length=30, imu_only_fraction=0.25, seed=3)
