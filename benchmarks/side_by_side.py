@@ -48,8 +48,7 @@ _JSON_OUT = flags.DEFINE_string('json_out', None, 'If set, also write the figure
 
 
 def host_batch(config, data, mesh, step: int):
-  rows = train.batch_rows(step, len(data.train), config.batch_size, config.seed)
-  return sharding.to_global(data.train.take(sharding.process_rows(rows)), mesh)
+  return next(train.train_batches(config, data, mesh, step, step + 1))
 
 
 def timed_steps(step_fn, state, config, data, mesh, warmup: int, steps: int):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from imputer import prefetch
 from imputer import sharding
 from imputer import train
 
@@ -45,6 +46,11 @@ _MATMUL_REPEATS = flags.DEFINE_integer(
     lower_bound=1)
 _JSON_OUT = flags.DEFINE_string('json_out', None, 'If set, also write the figures to this '
                                 'JSON file.')
+
+
+MEASUREMENTS = (('prebuilt_batches', 'device batches prebuilt'),
+                ('with_batch_assembly', 'built on the loop thread'),
+                ('with_prefetch', 'built ahead (prefetch)'))
 
 
 def _parse_matmul_sizes(values) -> tuple[int, ...]:
@@ -77,8 +83,7 @@ def compile_train_step(config, data: train.RunData, mesh):
 
 def assemble_batch(config, data: train.RunData, mesh, step: int):
   """Return the device batch of `step`, built on the host the way the training loop does."""
-  rows = train.batch_rows(step, len(data.train), config.batch_size, config.seed)
-  return sharding.to_global(data.train.take(sharding.process_rows(rows)), mesh)
+  return next(train.train_batches(config, data, mesh, step, step + 1))
 
 
 def cost_figures(compiled) -> dict[str, float]:
@@ -120,17 +125,21 @@ def time_prebuilt(compiled, state, batches):
   return state, time.perf_counter() - start
 
 
-def time_with_assembly(compiled, state, config, data, mesh, first_step: int, count: int):
-  """Run `count` steps, assembling each batch on the host first, and return (state, seconds).
+def time_with_assembly(compiled, state, config, data, mesh, first_step: int, count: int,
+                       depth: int):
+  """Run `count` steps with batches built as in training, and return (state, seconds).
 
-  This is the work of the training loop without its metric fetches, logging, evaluation and
-  checkpoints.
+  Batches come from `train.train_batches` through `prefetch.prefetch` with `depth` (0: each
+  batch is built on this thread when its step starts). This is the work of the training loop
+  without its metric fetches, logging, evaluation and checkpoints.
   """
   jax.block_until_ready(state)
   start = time.perf_counter()
   metrics = None
-  for step in range(first_step, first_step + count):
-    state, metrics = compiled(state, assemble_batch(config, data, mesh, step))
+  batches = prefetch.prefetch(
+      train.train_batches(config, data, mesh, first_step, first_step + count), depth)
+  for batch in batches:
+    state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
   return state, time.perf_counter() - start
 
@@ -232,13 +241,16 @@ def format_summary(figures: dict) -> str:
       f"{'measurement':<28}{'steps/s':>9}{'windows/s':>11}{'timesteps/s':>13}"
       f"{'GFLOP/s':>9}{'of peak':>9}",
   ]
-  for name, label in (('prebuilt_batches', 'device batches prebuilt'),
-                      ('with_batch_assembly', 'with host batch assembly')):
+  for name, label in MEASUREMENTS:
     rates = figures[name]
     lines.append(
         f"{label:<28}{rates['steps_per_second']:>9.2f}{rates['windows_per_second']:>11.1f}"
         f"{rates['timesteps_per_second']:>13.0f}"
         f"{rates['flops_per_second_per_device'] / 1e9:>9.2f}{rates['fraction_of_peak']:>9.1%}")
+  ratios = figures['input_pipeline_ratio']
+  lines.append(f"input pipeline ratio (steps/s over prebuilt): "
+               f"{ratios['with_batch_assembly']:.3f} without prefetch, "
+               f"{ratios['with_prefetch']:.3f} with prefetch depth {figures['prefetch_depth']}")
   lines.append('')
   sizes = ', '.join(f"n={matmul['n']}: {matmul['flops_per_second'] / 1e9:.1f}"
                     for matmul in peak['matmuls'])
@@ -272,7 +284,10 @@ def main(argv):
   state, prebuilt_seconds = time_prebuilt(compiled, state, batches[warmup:])
   del batches
   state, assembly_seconds = time_with_assembly(compiled, state, config, data, mesh,
-                                               warmup + steps, steps)
+                                               warmup + steps, steps, depth=0)
+  state, prefetch_seconds = time_with_assembly(compiled, state, config, data, mesh,
+                                               warmup + 2 * steps, steps,
+                                               depth=max(config.prefetch_depth, 1))
 
   matmuls = measure_matmul_peak(matmul_sizes, _MATMUL_REPEATS.value)
   peak = max(matmul['flops_per_second'] for matmul in matmuls)
@@ -286,10 +301,17 @@ def main(argv):
       'cost': cost,
       'prebuilt_batches': throughput(prebuilt_seconds, steps, config, cost['flops']),
       'with_batch_assembly': throughput(assembly_seconds, steps, config, cost['flops']),
+      'with_prefetch': throughput(prefetch_seconds, steps, config, cost['flops']),
+      'prefetch_depth': max(config.prefetch_depth, 1),
       'matmul_peak': {'flops_per_second': peak, 'matmuls': matmuls},
   }
-  for name in ('prebuilt_batches', 'with_batch_assembly'):
+  for name, _ in MEASUREMENTS:
     figures[name]['fraction_of_peak'] = figures[name]['flops_per_second_per_device'] / peak
+  # The input pipeline's efficiency: the real data path's rate over the rate with batches
+  # already on the device (1.0 means the host never holds the device back).
+  figures['input_pipeline_ratio'] = {
+      name: figures[name]['steps_per_second'] / figures['prebuilt_batches']['steps_per_second']
+      for name in ('with_batch_assembly', 'with_prefetch')}
 
   print(format_summary(figures))
   if _JSON_OUT.value:

@@ -179,6 +179,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = -1  # When positive, stops at min(this, num_epochs worth of steps).
   config.batch_size = 32  # Global batch; must be divisible by the number of devices.
   config.eval_batch_size = 128
+  # Training batches built ahead on a background thread while the device runs a step; 0 builds
+  # each batch when its step starts. The batches are the same either way.
+  config.prefetch_depth = 2
 
   config.log_every_steps = 50  # Train scalars, progress line and finiteness check.
   config.eval_every_steps = 250  # Validation loss, ToF images and best-checkpoint choice.

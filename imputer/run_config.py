@@ -22,7 +22,7 @@ from imputer import denoising
 # rounding, so a resume may change them.
 RESUME_MAY_CHANGE = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                      'max_checkpoints_to_keep', 'eval_batch_size', 'study.mode',
-                     'study.group_size')
+                     'study.group_size', 'prefetch_depth')
 
 RUN_FILE = 'run.json'
 
@@ -98,6 +98,8 @@ def validate(config) -> None:
   _require(not m.variance_head or config.loss.kind.startswith('conf_'), 'model.variance_head',
            m.variance_head, f'it needs a conf_ loss.kind (now {config.loss.kind!r}), which '
            'trains the variances; set --config.loss.kind=conf_mse or conf_mae')
+  _require(config.prefetch_depth >= 0, 'prefetch_depth', config.prefetch_depth,
+           'use 0 (off) or more batches')
   _require(config.optim.learning_rate > 0, 'optim.learning_rate', config.optim.learning_rate,
            'use a value above 0')
 

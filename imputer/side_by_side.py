@@ -43,6 +43,7 @@ from absl import logging
 from imputer import checkpointing
 from imputer import evaluation
 from imputer import metric_writer
+from imputer import prefetch
 from imputer import run_config
 from imputer import sharding
 from imputer import study
@@ -272,9 +273,9 @@ def train_group(group: Group) -> None:
     return project_state(one, abstracts[index])
 
   pending, pending_start, window_start = [], start_step, time.perf_counter()
-  for step in range(start_step, num_steps):
-    rows = train.batch_rows(step, len(data.train), structure.batch_size, structure.seed)
-    batch = sharding.to_global(data.train.take(sharding.process_rows(rows)), mesh)
+  batches = prefetch.prefetch(train.train_batches(structure, data, mesh, start_step, num_steps),
+                              structure.prefetch_depth)
+  for step, batch in zip(range(start_step, num_steps), batches):
     state, metrics = train_step(state, batch, hyper)
     pending.append(metrics)
     done = step + 1

@@ -21,6 +21,7 @@ from imputer import folds
 from imputer import layout as layout_lib
 from imputer import metric_writer
 from imputer import models
+from imputer import prefetch
 from imputer import probe
 from imputer import recordings
 from imputer import report as report_lib
@@ -122,6 +123,17 @@ def batch_rows(step: int, num_windows: int, batch_size: int, seed: int) -> np.nd
   if num_windows < batch_size:
     return np.resize(permutation, batch_size)
   return permutation[position * batch_size:(position + 1) * batch_size]
+
+
+def train_batches(config, data: RunData, mesh, first_step: int, num_steps: int):
+  """Yield the device batches of steps first_step .. num_steps - 1, in order.
+
+  Each process gathers its own rows of the step's global batch (`batch_rows`) and the
+  pieces form one array split along the mesh's `data` axis.
+  """
+  for step in range(first_step, num_steps):
+    rows = batch_rows(step, len(data.train), config.batch_size, config.seed)
+    yield sharding.to_global(data.train.take(sharding.process_rows(rows)), mesh)
 
 
 def total_steps(config, num_windows: int) -> int:
@@ -340,9 +352,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info('Training steps %d..%d (%d windows, batch %d) | %s', start_step, num_steps,
                len(data.train), config.batch_size, data.tag)
   pending, pending_start, window_start = [], start_step, time.perf_counter()
-  for step in range(start_step, num_steps):
-    rows = batch_rows(step, len(data.train), config.batch_size, config.seed)
-    batch = sharding.to_global(data.train.take(sharding.process_rows(rows)), mesh)
+  batches = prefetch.prefetch(train_batches(config, data, mesh, start_step, num_steps),
+                              config.prefetch_depth)
+  for step, batch in zip(range(start_step, num_steps), batches):
     state, metrics = train_step(state, batch)
     pending.append(metrics)
     done = step + 1
