@@ -188,10 +188,14 @@ def feature_set(name: str, columns: tuple[str, ...]) -> FeatureSet:
 def engineered_observed(fs: FeatureSet, observed: np.ndarray) -> np.ndarray:
   """Return the (T, F) mask of features whose raw inputs are all observed."""
   missing = ~observed
-  missing_prev = np.ones_like(missing)
-  missing_prev[1:] = missing[:-1]
-  bad = (missing.astype(np.int32) @ fs.depends_now.T.astype(np.int32)) > 0
-  bad |= (missing_prev.astype(np.int32) @ fs.depends_prev.T.astype(np.int32)) > 0
+  # Counts of missing inputs as float32 products, which BLAS runs. numpy's integer matmul does
+  # not use BLAS: with it, engineering 500 CMI sequences took 7.1 s here, against 0.6 s.
+  # Counts stay far below 2**24, so float32 holds them exactly.
+  bad = (missing.astype(np.float32) @ fs.depends_now.T.astype(np.float32)) > 0
+  if fs.depends_prev.any():
+    missing_prev = np.ones_like(missing)
+    missing_prev[1:] = missing[:-1]
+    bad |= (missing_prev.astype(np.float32) @ fs.depends_prev.T.astype(np.float32)) > 0
   return ~bad
 
 
