@@ -24,11 +24,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from imputer import downstream
 from imputer import impute
 from imputer import side_by_side
 from imputer import study
 from imputer import study_results
 from imputer import train
+from imputer import visual_report
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/phase1.py',
                                           'Path to a config file.', lock_config=True)
@@ -109,11 +111,9 @@ def _use_trained() -> None:
     impute.impute_file(_WORKDIR.value, _INPUT.value, _OUTPUT.value, _UNCERTAINTY.value,
                        _CHUNK_ROWS.value, stride)
   elif _MODE.value == 'report':
-    from imputer import visual_report  # pylint: disable=import-outside-toplevel
     path = visual_report.write_visual_report(_WORKDIR.value, _SEQUENCES.value, stride)
     logging.info('Wrote %s', path)
   else:
-    from imputer import downstream  # pylint: disable=import-outside-toplevel
     path = downstream.run(_WORKDIR.value, stride)
     logging.info('Wrote %s', path)
 

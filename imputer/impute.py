@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
+import tqdm
 from absl import logging
 
 from imputer import checkpointing
@@ -414,7 +416,6 @@ class _ParquetWriter:
     self.path, self.writer = path, None
 
   def write(self, frame: pl.DataFrame) -> None:
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
     table = frame.to_arrow()
     if self.writer is None:
       self.writer = pq.ParquetWriter(self.path, table.schema)
@@ -482,7 +483,6 @@ def impute_file(workdir: str, input_path: str, output_path: str, uncertainty: bo
 
   Returns the counts that are also logged: rows, sequences and filled values per group.
   """
-  import tqdm  # pylint: disable=import-outside-toplevel
   _check_output(input_path, output_path)
   if chunk_rows < 1:
     raise ValueError(f'--chunk_rows={chunk_rows} is invalid; use 1 or more rows.')
