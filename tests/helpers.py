@@ -1,8 +1,8 @@
 """Small recordings built in code, shared by several test files."""
 
-import numpy as np
+import importlib
 
-from configs import phase1
+import numpy as np
 
 from imputer import features
 from imputer import recordings
@@ -37,8 +37,9 @@ def make_recording_set(subjects=6, per_subject=3, length=20, labels=None):
   return recordings.RecordingSet('test data', (accel_spec(),), (thm_spec(),), sequences)
 
 
-def tiny_config(**overrides):
-  config = phase1.get_config()
+def tiny_config(phase: str = 'phase1', **overrides):
+  """Return configs/`phase`.py shrunk to a few seconds of CPU, with dotted-field overrides."""
+  config = importlib.import_module(f'configs.{phase}').get_config()
   config.data.synthetic.num_subjects = 6
   config.data.synthetic.sequences_per_subject = 8
   config.data.synthetic.min_length = 20

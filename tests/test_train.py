@@ -12,6 +12,7 @@ import pytest
 from imputer import augment
 from imputer import evaluation
 from imputer import models
+from imputer import sharding
 from imputer import sources
 from imputer import train
 from imputer import training
@@ -203,3 +204,25 @@ def test_two_views_log_consistency_terms():
   assert float(metrics['loss_cons']) > 0
   assert np.isfinite(float(metrics['loss']))
   assert int(state.step) == 1
+
+
+# Phase 6 contains every term of phases 3 to 5; phase 0 is the plain loss. Phases 1 and 2 are
+# covered by test_train_step_compiles_once_and_ramps_mask.
+@pytest.mark.parametrize('phase', ['phase0', 'phase6'])
+def test_train_step_traces_once_per_phase(phase):
+  # The step is jitted as train.build_steps does it, with the trace counter inside.
+  chex.clear_trace_counter()
+  config = tiny_config(phase, **{'contrastive.queue_size': 16})
+  data = train.prepare_data(config)
+  steps, _ = train.make_steps(config, data)
+  init, example = train.state_initializer(steps, data)
+  mesh = sharding.make_mesh()
+  replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(0), example)
+  step = jax.jit(chex.assert_max_traces(steps.train_step, n=1),
+                 in_shardings=(replicated, batched), out_shardings=(replicated, replicated),
+                 donate_argnums=0)
+  for batch in train.train_batches(config, data, mesh, 0, 3):
+    state, metrics = step(state, batch)
+  assert int(state.step) == 3
+  assert np.isfinite(float(metrics['loss']))
