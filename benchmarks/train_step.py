@@ -308,7 +308,7 @@ def main(argv):
   for name, _ in MEASUREMENTS:
     figures[name]['fraction_of_peak'] = figures[name]['flops_per_second_per_device'] / peak
   # The input pipeline's efficiency: the real data path's rate over the rate with batches
-  # already on the device (1.0 means the host never holds the device back).
+  # already on the device (1.0 means the host never delays the device).
   figures['input_pipeline_ratio'] = {
       name: figures[name]['steps_per_second'] / figures['prebuilt_batches']['steps_per_second']
       for name in ('with_batch_assembly', 'with_prefetch')}

@@ -136,9 +136,8 @@ def _read_csv(file: pathlib.Path) -> pl.DataFrame:
 
 def _parse_csv(file: pathlib.Path, header: list[str]) -> pl.DataFrame:
   text_types = {name: pl.String for name in header if name in _TEXT_COLUMNS}
-  numeric_types = {name: pl.Float64 for name in header if name in NUMERIC_COLUMNS}
   try:
-    return pl.read_csv(file, schema_overrides={**text_types, **numeric_types})
+    return pl.read_csv(file, schema_overrides=csv_schema_overrides(header))
   except pl.exceptions.ComputeError:
     pass
   # A cell that is not a number. Full inference reads that column as text instead, so that

@@ -190,7 +190,7 @@ def engineered_observed(fs: FeatureSet, observed: np.ndarray) -> np.ndarray:
   missing = ~observed
   # Counts of missing inputs as float32 products, which BLAS runs. numpy's integer matmul does
   # not use BLAS: with it, engineering 500 CMI sequences took 7.1 s here, against 0.6 s.
-  # Counts stay far below 2**24, so float32 holds them exactly.
+  # Counts stay far below 2**24, so float32 represents them exactly.
   bad = (missing.astype(np.float32) @ fs.depends_now.T.astype(np.float32)) > 0
   if fs.depends_prev.any():
     missing_prev = np.ones_like(missing)

@@ -14,7 +14,7 @@ predicted variances plus the spread of their means around the averaged mean.
 What impute_file writes:
 
 * Every input row, in the input order, with every column. A target value that the file lacks
-  (an empty cell or NaN) is replaced by the model's prediction in original units; every other
+  (an empty cell or NaN) is replaced by the model's prediction in original units. Every other
   value is kept as read. ToF -1 ("no return") is a reading, so it stays.
 * `<group>_imputed` per target group: True in a row where at least one of the group's values
   was filled.
@@ -47,10 +47,12 @@ from absl import logging
 
 from imputer import checkpointing
 from imputer import cmi
+from imputer import evaluation
 from imputer import layout as layout_lib
 from imputer import losses
 from imputer import models
 from imputer import scaling
+from imputer import sharding
 from imputer import sources
 from imputer import training
 from imputer import windows as windows_lib
@@ -113,6 +115,7 @@ def _restore(workdir: str, config, model, input_layouts, target_layouts):
     raise ValueError(
         f'{workdir} has no checkpoint (checkpoints_best/ and checkpoints/ are missing or empty); '
         'train the run to at least its first checkpoint, or give another --workdir.')
+
   # Only the optimizer state's structure matters here, so any run length past warmup does.
   schedule = training.make_schedule(config.optim, config.optim.warmup_steps + 2)
   tx = training.make_optimizer(config.optim, schedule)
@@ -122,6 +125,7 @@ def _restore(workdir: str, config, model, input_layouts, target_layouts):
       target_layouts=target_layouts, prior=config.model.interpolation_prior,
       queue_size=queue_size))(jax.random.PRNGKey(0),
                               _dummy_batch(config.data.window, input_layouts + target_layouts))
+
   abstract = checkpointing.abstract_like(state)
   checkpoints = checkpointing.Checkpoints(workdir, config.max_checkpoints_to_keep)
   try:
@@ -136,6 +140,7 @@ def _restore(workdir: str, config, model, input_layouts, target_layouts):
         'one, or give another --workdir.') from error
   finally:
     checkpoints.close()
+
   if restored is None:
     raise ValueError(f'{workdir} has no complete checkpoint; train the run further or give '
                      'another --workdir.')
@@ -196,16 +201,6 @@ class Prediction:
   std: dict[str, np.ndarray] | None
 
 
-def _batches(windows, batch_size: int) -> Iterator[tuple[dict, int]]:
-  for start in range(0, len(windows), batch_size):
-    rows = np.arange(start, min(start + batch_size, len(windows)))
-    real = len(rows)
-    rows = np.concatenate([rows, np.full(batch_size - real, rows[-1])])
-    batch = windows.take(rows)
-    batch['valid'] = batch['valid'] & (np.arange(batch_size) < real)[:, None]
-    yield batch, real
-
-
 def predict_sequences(imputer: Imputer, sequences, stride: int | None = None,
                       show_targets: bool = True) -> list[Prediction]:
   """Predict every target value of `sequences` (recordings.Sequence), averaging overlaps.
@@ -223,13 +218,14 @@ def predict_sequences(imputer: Imputer, sequences, stride: int | None = None,
   windows = windows_lib.make_windows(engineered, layouts, imputer.scalers, window, stride)
   sums = [{l.name: np.zeros((4, s.length, l.num_raw)) for l in imputer.target_layouts}
           for s in sequences]
-  row = 0
   batch_size = imputer.config.eval_batch_size
-  for batch, real in _batches(windows, batch_size):
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(batch_size, mesh, 'eval_batch_size')
+  for batch_index, batch, real in evaluation.global_batches(windows, batch_size, mesh):
     recon, log_var = jax.device_get(imputer.predict_fn(imputer.params, batch,
                                                        np.bool_(show_targets)))
     for k in range(real):
-      i, start, size = windows.index[row + k]
+      i, start, size = windows.index[batch_index * batch_size + k]
       for name, mean in recon.items():
         mu = mean[k, :size].astype(np.float64)
         part = sums[i][name][:, start:start + size]
@@ -238,7 +234,6 @@ def predict_sequences(imputer: Imputer, sequences, stride: int | None = None,
         part[2] += 1.0
         if log_var:
           part[3] += losses.predictive_std(imputer.config.loss.kind, log_var[name][k, :size]) ** 2
-    row += real
   return [_combine(imputer, s) for s in sums]
 
 

@@ -107,17 +107,19 @@ def test_log_variance_is_bounded():
   np.testing.assert_allclose(float(out['tof']), -3.0, rtol=1e-6)
 
 
-def test_variance_head_starts_at_the_group_log_variance_and_stays_bounded():
+def test_variance_head_start_and_bound():
   model = models.MaskedImputer(TARGETS, hidden_dim=16, num_heads=2, learn_log_var=True,
                                log_var_bound=3.0, variance_head=True)
   inputs = make_inputs(prior=False)
   params = init(model, inputs)
   params = dict(params, log_var_thm=jnp.float32(0.5))
   out = model.apply({'params': params}, inputs)['log_var']
-  assert out['thm'].shape == (2, 8, 17) and out['tof'].shape == (2, 8, 320)
+  assert out['thm'].shape == (2, 8, 17)
+  assert out['tof'].shape == (2, 8, 320)
   np.testing.assert_allclose(np.asarray(out['thm']), 3.0 * np.tanh(0.5 / 3.0), rtol=1e-6)
   head = params['log_var_head_thm']
   params['log_var_head_thm'] = {'kernel': jnp.full_like(head['kernel'], 40.0),
                                 'bias': jnp.linspace(-200.0, 200.0, 17)}
   out = np.asarray(model.apply({'params': params}, inputs)['log_var']['thm'])
-  assert np.abs(out).max() <= 3.0 and out.std() > 0.1
+  assert np.abs(out).max() <= 3.0
+  assert out.std() > 0.1

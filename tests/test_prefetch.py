@@ -24,7 +24,7 @@ def test_source_runs_ahead_by_depth():
   items = prefetch.prefetch(source(), 2)
   assert next(items) == 0
   time.sleep(0.3)
-  # Item 0 is consumed, two more are queued and the thread holds a fourth, waiting to queue.
+  # Item 0 is consumed, two more are queued and the thread waits to queue a fourth.
   assert len(produced) == 4
   items.close()
 

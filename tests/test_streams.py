@@ -520,7 +520,7 @@ def test_stream_preset_needs_a_folder(path):
     sources.load_recordings(config.data)
 
 
-def test_label_stream_gives_per_timestep_labels_and_leaves_groups_alone():
+def test_label_stream_timestep_labels():
   specs = streams.stream_specs_from_config(bfrb_watch.get_config().data.streams.to_dict())
   assert [spec.group for spec in specs if spec.role == 'label'] == ['behaviour']
   plain = streams.load_streams(FIXTURE, [s for s in specs if s.role != 'label'], 10.0)
