@@ -13,14 +13,23 @@ import numpy as np
 
 
 def expand_to_features(layout, hidden_raw: jax.Array) -> jax.Array:
-  """Map a (B, W, C_raw) hidden mask to (B, W, F) through the feature dependencies."""
-  now = jnp.asarray(layout.feature_set.depends_now.T, jnp.float32)
-  prev = jnp.asarray(layout.feature_set.depends_prev.T, jnp.float32)
+  """Map a (B, W, C_raw) hidden mask to (B, W, F) through the feature dependencies.
+
+  The leading features that copy a raw channel (`FeatureSet.num_copied`) take its mask as it
+  is; only the engineered rest goes through the dependency matrices.
+  """
+  fs = layout.feature_set
+  copied = fs.num_copied
+  if copied == fs.num_features:
+    return hidden_raw[..., :copied]
+  now = jnp.asarray(fs.depends_now[copied:].T, jnp.float32)
+  prev = jnp.asarray(fs.depends_prev[copied:].T, jnp.float32)
   raw = hidden_raw.astype(jnp.float32)
   # The first timestep of a window has no previous one inside it. The value before the
   # window is not part of the input, so nothing can leak from it.
   raw_prev = jnp.pad(raw[:, :-1], ((0, 0), (1, 0), (0, 0)))
-  return (raw @ now + raw_prev @ prev) > 0
+  engineered = (raw @ now + raw_prev @ prev) > 0
+  return jnp.concatenate([hidden_raw[..., :copied], engineered], axis=-1)
 
 
 def scheduled_ratio(step, start: float, end: float, ramp_steps: int) -> jax.Array:

@@ -37,20 +37,37 @@ class GroupScaler:
     return cls(*(np.asarray(data[k], np.float64) for k in ('center', 'scale', 'count')))
 
 
+# Features gathered at a time when fitting: their values for every row fit in a few MB per
+# 10,000 rows, so the copy stays small and each row's read is one contiguous run.
+_FIT_BLOCK = 32
+
+
 def fit_group(values: list[np.ndarray], observed: list[np.ndarray]) -> GroupScaler:
   """Fit one group from per-sequence (T, F) values and masks; NaN-free only where observed.
 
   A feature with no observed training value gets centre 0 and scale 1, and its count of 0
   is kept in the saved statistics.
+
+  The quartiles equal those of np.nanpercentile over the observed values bit for bit: both
+  take the same order statistics of the same values and interpolate them linearly. Gathering
+  the values of a block of features into contiguous rows first is what makes it fast. For
+  the 320 ToF pixels of 500,000 rows np.nanpercentile over the (rows, features) array took
+  several seconds and a float64 copy of every value; this takes a fraction of that.
   """
-  stacked = np.concatenate(values, axis=0)
-  mask = np.concatenate(observed, axis=0)
-  masked = np.where(mask, stacked, np.nan)
-  count = mask.sum(axis=0).astype(np.float64)
+  num_features = values[0].shape[1]
+  count = np.zeros(num_features)
+  quartiles = np.zeros((3, num_features))
+  for start in range(0, num_features, _FIT_BLOCK):
+    block = slice(start, min(start + _FIT_BLOCK, num_features))
+    columns = np.concatenate([v[:, block] for v in values]).T.copy()
+    masks = np.concatenate([m[:, block] for m in observed]).T.copy()
+    for offset, (column, mask) in enumerate(zip(columns, masks)):
+      kept = column[mask]
+      count[start + offset] = kept.size
+      if kept.size:
+        quartiles[:, start + offset] = np.percentile(kept, [25, 50, 75], overwrite_input=True)
   empty = count == 0
-  with np.errstate(all='ignore'):
-    quartiles = np.nanpercentile(np.where(empty, 0.0, masked), [25, 50, 75], axis=0)
-  center = np.where(empty, 0.0, quartiles[1])
+  center = quartiles[1]
   spread = quartiles[2] - quartiles[0]
   scale = np.where(empty | (spread < MIN_SCALE), 1.0, spread)
   return GroupScaler(center, scale, count)

@@ -51,6 +51,34 @@ def test_hidden_raw_expands_to_dependent_features():
   assert not expanded[0].any()
 
 
+def dependency_reference(fs, hidden):
+  """The hidden features by the definition: any input read at t or t-1 is hidden."""
+  prev = np.zeros_like(hidden)
+  prev[:, 1:] = hidden[:, :-1]
+  return (np.einsum('bwc,fc->bwf', hidden.astype(int), fs.depends_now.astype(int))
+          + np.einsum('bwc,fc->bwf', prev.astype(int), fs.depends_prev.astype(int))) > 0
+
+
+@pytest.mark.parametrize('name, columns', [
+    ('raw', tuple(f'c{i}' for i in range(11))), ('cmi_imu', features.CMI_IMU_COLUMNS),
+    ('cmi_thm', features.CMI_THM_COLUMNS), ('accel', ('x', 'y', 'z'))])
+def test_copied_features_match_the_dependency_product(name, columns):
+  fs = features.feature_set(name, columns)
+  spec = recordings.GroupSpec('g', columns, columns, tuple(range(len(columns))), name)
+  layout = layout_lib.build_layouts([spec])[0]
+  hidden = np.random.default_rng(0).random((3, 9, len(columns))) < 0.3
+  expanded = np.asarray(masking.expand_to_features(layout, hidden))
+  assert expanded.shape == (3, 9, fs.num_features)
+  np.testing.assert_array_equal(expanded, dependency_reference(fs, hidden))
+  # The host-side mask of observed features follows the same dependencies.
+  observed = ~hidden[0]
+  missing_prev = np.ones_like(hidden[0])
+  missing_prev[1:] = hidden[0, :-1]
+  expected = ~((hidden[0].astype(int) @ fs.depends_now.T.astype(int)
+                + missing_prev.astype(int) @ fs.depends_prev.T.astype(int)) > 0)
+  np.testing.assert_array_equal(features.engineered_observed(fs, observed), expected)
+
+
 def test_ratio_one_hides_every_raw_value():
   hidden = masking.sample_hidden(jax.random.PRNGKey(2), [tof_layout()], 2, 4, 1.0, 0.0)
   assert hidden['tof'].shape == (2, 4, 320)

@@ -1,8 +1,11 @@
 """The masked imputer's outputs: shapes, padding, the prior and the bounded log-variance."""
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from imputer import interpolation
 from imputer import models
@@ -123,3 +126,45 @@ def test_variance_head_start_and_bound():
   out = np.asarray(model.apply({'params': params}, inputs)['log_var']['thm'])
   assert np.abs(out).max() <= 3.0
   assert out.std() > 0.1
+
+
+@pytest.mark.parametrize('kernel_size', [1, 4, 5])
+def test_depthwise_conv_equals_grouped_conv(kernel_size):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 6))
+  shifted = models.DepthwiseConv1D(kernel_size)
+  grouped = nn.Conv(6, (kernel_size,), padding='SAME', feature_group_count=6)
+  params = shifted.init(jax.random.PRNGKey(1), x)
+  reference = grouped.init(jax.random.PRNGKey(1), x)
+  # Same names, shapes and initial values, so either module loads the other's checkpoints.
+  chex.assert_trees_all_equal(params, reference)
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  np.testing.assert_allclose(shifted.apply(params, x), grouped.apply(params, x), atol=1e-5)
+  # By hand at one position: y[t] = b + sum_k w[k] * x[t + k - left].
+  w, b = np.asarray(params['params']['kernel'][:, 0]), np.asarray(params['params']['bias'])
+  left, t = (kernel_size - 1) // 2, 4
+  expected = b + sum(w[k] * np.asarray(x)[0, t + k - left] for k in range(kernel_size))
+  np.testing.assert_allclose(shifted.apply(params, x)[0, t], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_trunk_keeps_float32_parameters_and_outputs():
+  inputs = make_inputs()
+  full = models.MaskedImputer(TARGETS, hidden_dim=16, num_heads=2, learn_log_var=True,
+                              sensors=(('input', 'imu', (0,)), ('target', 'thm', (0, 1))),
+                              inputs=(('imu', 20),))
+  half = full.clone(dtype=jnp.bfloat16)
+  params = init(full, inputs)
+  # The same parameter tree, all float32, whatever the compute dtype.
+  chex.assert_trees_all_equal_shapes_and_dtypes(params, init(half, inputs))
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  exact = full.apply({'params': params}, inputs)
+  rounded = half.apply({'params': params}, inputs)
+  for g in RAW:
+    assert rounded['recon'][g].dtype == jnp.float32
+    assert rounded['log_var'][g].dtype == jnp.float32
+    # bfloat16 keeps 8 significant bits: relative rounding of about 0.4 % per operation.
+    error = np.abs(np.asarray(rounded['recon'][g]) - np.asarray(exact['recon'][g]))
+    scale = np.abs(np.asarray(exact['recon'][g])).mean()
+    assert 0 < error.mean() < 0.05 * scale
+  variables = half.init(jax.random.PRNGKey(0), inputs, output='projection')
+  projection = half.apply(variables, inputs, output='projection')['projection']
+  assert projection.dtype == jnp.float32

@@ -77,3 +77,22 @@ def test_scaler_with_no_observed_value():
   np.testing.assert_array_equal(scaler.center, [0.0])
   np.testing.assert_array_equal(scaler.scale, [1.0])
   np.testing.assert_array_equal(scaler.count, [0])
+
+
+def test_scaler_quartiles_equal_nanpercentile_bit_for_bit():
+  # Saved scalers are compared exactly when a run resumes, so the fit must not change them.
+  rng = np.random.default_rng(3)
+  values = [rng.standard_t(3, size=(n, 6)) * 40.0 for n in (1, 7, 30, 64)]
+  observed = [rng.random(v.shape) < 0.7 for v in values]
+  observed[2][:, 4] = False
+  for v, m in zip(values, observed):
+    v[~m] = np.nan
+  for m in observed:
+    m[:, 5] = False  # A feature never observed.
+  scaler = scaling.fit_group(values, observed)
+  stacked, mask = np.concatenate(values), np.concatenate(observed)
+  q25, q50, q75 = np.nanpercentile(np.where(mask, stacked, np.nan)[:, :5], [25, 50, 75], axis=0)
+  np.testing.assert_array_equal(scaler.center[:5], q50)
+  np.testing.assert_array_equal(scaler.scale[:5], q75 - q25)
+  np.testing.assert_array_equal(scaler.count, mask.sum(0))
+  assert (scaler.center[5], scaler.scale[5], scaler.count[5]) == (0.0, 1.0, 0.0)
