@@ -26,6 +26,8 @@ from ml_collections import config_flags
 
 from imputer import downstream
 from imputer import impute
+from imputer import preemption
+from imputer import run_config
 from imputer import side_by_side
 from imputer import study
 from imputer import study_results
@@ -37,9 +39,16 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/phase1.py',
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and the report.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False,
-    'Call jax.distributed.initialize() first, for a run over several hosts. On TPU VMs and '
-    'SLURM it finds its peers by itself; elsewhere set JAX_COORDINATOR_ADDRESS, '
-    'JAX_NUM_PROCESSES and JAX_PROCESS_ID.')
+    'Call jax.distributed.initialize() first, for a run over several processes or hosts. On '
+    'TPU VMs, SLURM, Open MPI and Kubernetes it finds its peers by itself; elsewhere give '
+    '--coordinator_address, --num_processes and --process_id.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'With --distributed: host:port of process 0, which every '
+    'process connects to, for example 10.0.0.2:8476.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'With --distributed: how many processes take part.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'With --distributed: this process, 0 to num_processes - 1.')
 
 _MODE = flags.DEFINE_enum(
     'mode', 'train', ['train', 'impute', 'report', 'downstream'],
@@ -72,7 +81,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietOrbax())
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   logging.info('Process %d of %d | local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   if _MODE.value != 'train':
@@ -84,6 +94,18 @@ def main(argv):
       sys.exit(1)
     return
   config = _CONFIG.value
+  run_config.resolve_platform(config, jax.device_count(), jax.default_backend())
+  try:
+    with run_config.matmul_precision(config):
+      _train(config)
+  except preemption.Preempted as stopped:
+    # A checkpoint of the step is saved; the exit status tells a scheduler it was a signal.
+    logging.warning('%s', stopped)
+    sys.exit(stopped.exit_status)
+
+
+def _train(config) -> None:
+  """Train the single run or the study that `config` describes."""
   if config.study.ablations or config.study.grid:
     # The runs of a study compile many identical programs (every evaluation of variants that
     # share a model), so their compiled forms are kept on disk and reused.

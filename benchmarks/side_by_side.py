@@ -101,7 +101,7 @@ def main(argv):
   group = side_by_side.Group(first.name, members,
                              side_by_side.structure_config([m.config for m in members]), '')
   data = train.prepare_data(group.structure)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(config.mesh)
   names = [m.variant.name for m in group.members]
   print(f'Variants: {", ".join(names)}')
   print(f'Devices: {jax.device_count()} x {jax.devices()[0].device_kind} | '

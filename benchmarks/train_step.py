@@ -38,6 +38,9 @@ _STEPS = flags.DEFINE_integer('steps', 30, 'Timed training steps in each measure
 _WARMUP = flags.DEFINE_integer(
     'warmup', 3, 'Untimed training steps run after compilation and before the first '
     'measurement.', lower_bound=0)
+_ROUNDS = flags.DEFINE_integer(
+    'rounds', 5, 'Alternating blocks of the three measurements; each block runs '
+    'steps // rounds steps.', lower_bound=1)
 _MATMUL_SIZES = flags.DEFINE_list(
     'matmul_sizes', ['1024', '2048', '4096'],
     'Sizes n of the float32 (n x n) @ (n x n) matmuls that measure the peak FLOP rate.')
@@ -144,6 +147,35 @@ def time_with_assembly(compiled, state, config, data, mesh, first_step: int, cou
   return state, time.perf_counter() - start
 
 
+def interleaved_timings(compiled, state, config, data, mesh, warmup: int, steps: int,
+                        rounds: int):
+  """Time the three ways of feeding the step in `rounds` alternating blocks.
+
+  Each round runs steps // rounds steps with prebuilt batches, then as many with batches built
+  on the loop thread, then as many through the prefetch thread. Alternating in short blocks
+  exposes the three ways to the same load on a shared machine, so that their ratio is not
+  thrown off by another process starting or stopping between two long measurements. Returns
+  (state, {measurement: estimated seconds for `steps` steps}), from the median block of each.
+  """
+  per_block = max(steps // rounds, 1)
+  batches = [assemble_batch(config, data, mesh, step) for step in range(warmup)]
+  state, _ = time_prebuilt(compiled, state, batches)
+  step, blocks = warmup, {name: [] for name, _ in MEASUREMENTS}
+  for _ in range(rounds):
+    batches = [assemble_batch(config, data, mesh, s) for s in range(step, step + per_block)]
+    state, seconds = time_prebuilt(compiled, state, batches)
+    blocks['prebuilt_batches'].append(seconds)
+    step += per_block
+    for name, depth in (('with_batch_assembly', 0),
+                        ('with_prefetch', max(config.prefetch_depth, 1))):
+      state, seconds = time_with_assembly(compiled, state, config, data, mesh, step, per_block,
+                                          depth)
+      blocks[name].append(seconds)
+      step += per_block
+  return state, {name: float(np.median(times)) * steps / per_block
+                 for name, times in blocks.items()}
+
+
 def measure_matmul_peak(sizes, repeats: int) -> list[dict]:
   """Time float32 (n x n) @ (n x n) matmuls on the default device, 2 n^3 FLOPs each.
 
@@ -234,7 +266,8 @@ def format_summary(figures: dict) -> str:
       f"valid (non-padding) timesteps {figures['valid_fraction']:.1%}",
       f"state init and compile {figures['init_and_compile_seconds']:.1f} s | "
       f"{figures['warmup']} warmup steps | "
-      f"{figures['steps']} timed steps per measurement",
+      f"{figures['steps']} timed steps per measurement, in {figures['rounds']} alternating "
+      "blocks (median block)",
       f"XLA cost per step and device: {cost['flops'] / 1e9:.3f} GFLOP, "
       f"{cost['bytes_accessed'] / 1e6:.1f} MB accessed",
       '',
@@ -271,7 +304,7 @@ def main(argv):
   load_before = os.getloadavg()[0]
 
   data = train.prepare_data(config)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(config.mesh)
   start = time.perf_counter()
   state, compiled = compile_train_step(config, data, mesh)
   init_and_compile_seconds = time.perf_counter() - start
@@ -279,15 +312,10 @@ def main(argv):
   logging.info('State built and step compiled in %.1f s, %.3g FLOPs per step and device.',
                init_and_compile_seconds, cost['flops'])
 
-  batches = [assemble_batch(config, data, mesh, step) for step in range(warmup + steps)]
-  state, _ = time_prebuilt(compiled, state, batches[:warmup])
-  state, prebuilt_seconds = time_prebuilt(compiled, state, batches[warmup:])
-  del batches
-  state, assembly_seconds = time_with_assembly(compiled, state, config, data, mesh,
-                                               warmup + steps, steps, depth=0)
-  state, prefetch_seconds = time_with_assembly(compiled, state, config, data, mesh,
-                                               warmup + 2 * steps, steps,
-                                               depth=max(config.prefetch_depth, 1))
+  state, seconds = interleaved_timings(compiled, state, config, data, mesh, warmup, steps,
+                                       _ROUNDS.value)
+  prebuilt_seconds, assembly_seconds, prefetch_seconds = (
+      seconds[name] for name, _ in MEASUREMENTS)
 
   matmuls = measure_matmul_peak(matmul_sizes, _MATMUL_REPEATS.value)
   peak = max(matmul['flops_per_second'] for matmul in matmuls)
@@ -298,6 +326,7 @@ def main(argv):
       'init_and_compile_seconds': init_and_compile_seconds,
       'warmup': warmup,
       'steps': steps,
+      'rounds': _ROUNDS.value,
       'cost': cost,
       'prebuilt_batches': throughput(prebuilt_seconds, steps, config, cost['flops']),
       'with_batch_assembly': throughput(assembly_seconds, steps, config, cost['flops']),

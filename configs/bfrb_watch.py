@@ -8,13 +8,17 @@ Searle et al., MobileHCI 2021), each with accLabeled.csv, gyrLabeled.csv, ppgLab
 hrmLabeled.csv. Participants are the subjects, so whole participants are held out.
 
 The text after the colon names the phase config that the preset starts from (phase0 to
-phase7; phase1, the shared decoder with conf_mae, when omitted). With phase7 it is a study. The preset changes only the
-data and the number of epochs, so every phase trains on the watch with its own settings.
+phase7; phase1, the shared decoder with conf_mae, when omitted), and optionally the platform
+after another colon (configs/bfrb_watch.py:phase4:gpu; see configs/platforms.py). With phase7
+it is a study. The preset changes only the data and the number of epochs, so every phase
+trains on the watch with its own settings.
 """
 
 import importlib
 
 import ml_collections
+
+from configs import platforms
 
 PHASES = ('phase0', 'phase1', 'phase2', 'phase3', 'phase4', 'phase5', 'phase6', 'phase7')
 
@@ -25,12 +29,25 @@ def stream(file, columns, role, features='raw', missing_values='', max_gap_ms=15
       'missing_values': missing_values, 'max_gap_ms': max_gap_ms})
 
 
-def get_config(phase: str = 'phase1'):
-  phase = phase or 'phase1'
-  if phase not in PHASES:
-    raise ValueError(f'configs/bfrb_watch.py:{phase} is unknown; use one of {", ".join(PHASES)} '
-                     'after the colon.')
-  config = importlib.import_module(f'configs.{phase}').get_config()
+def parse_argument(argument: str) -> tuple[str, str]:
+  """Split 'phase4', 'gpu', 'phase4:gpu' or 'gpu:phase4' into (phase, platform)."""
+  phase, platform = 'phase1', ''
+  for part in filter(None, (argument or '').replace(',', ':').split(':')):
+    if part in PHASES:
+      phase = part
+    elif part in platforms.PLATFORMS:
+      platform = part
+    else:
+      raise ValueError(
+          f'configs/bfrb_watch.py:{argument}: {part!r} is neither a phase ({", ".join(PHASES)}) '
+          f'nor a platform ({", ".join(platforms.PLATFORMS)}); for example '
+          '--config=configs/bfrb_watch.py:phase4:gpu.')
+  return phase, platform
+
+
+def get_config(argument: str = 'phase1'):
+  phase, platform = parse_argument(argument)
+  config = importlib.import_module(f'configs.{phase}').get_config(platform)
   data = config.data
   # The watch samples about every 100 ms; a grid point takes a sample at most 150 ms away.
   data.stream_rate_hz = 10.0

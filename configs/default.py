@@ -9,6 +9,8 @@ is locked, so a misspelt field is an error instead of a silent no-op.
 
 import ml_collections
 
+from configs import platforms
+
 
 def get_data_config() -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
@@ -48,7 +50,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   return data
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(platform: str = '') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds parameters, masks and batch order.
   config.data = get_data_config()
@@ -81,6 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
   # A sensor stage after the encoder: one token per IMU channel and per target sensor at each
   # timestep, with a learned ID embedding each and attention across the sensors of a timestep.
   config.model.sensor_embedding = False
+  # Compute dtype of the trunk's matmuls: 'float32', or 'bfloat16' on accelerators with bfloat16
+  # matmul units (TPU, recent GPUs). Parameters, heads and losses stay float32 either way. On
+  # a CPU bfloat16 is slower, because XLA's CPU backend emulates it.
+  config.model.compute_dtype = 'float32'
 
   # Training mask ratio: the fraction of (timestep, sensor) units of every target group that
   # is hidden. It ramps linearly from mask_start to mask_end over the first mask_epochs epochs
@@ -182,9 +188,31 @@ def get_config() -> ml_collections.ConfigDict:
   # Training batches built ahead on a background thread while the device runs a step; 0 builds
   # each batch when its step starts. The batches are the same either way.
   config.prefetch_depth = 2
+  # The hardware the run is set up for: 'cpu', 'gpu' or 'tpu', chosen after the config path
+  # (configs/phase3.py:gpu). configs/platforms.py sets the fields below, the compute dtype and
+  # the prefetch depth from it.
+  config.platform = 'cpu'
+  # With a value above 0, launch sets batch_size to this times the number of devices.
+  config.per_device_batch_size = 0
+  config.mesh = 'flat'  # Device order of the `data` axis: 'flat' or 'topology'.
+  # jax's default precision of float32 matmuls: 'default', 'high' or 'highest'.
+  config.matmul_precision = 'default'
+
+  # A step whose loss or gradient is not finite: 'stop' ends the run with an error that names
+  # the step and the loss term, keeping the last good checkpoint; 'skip' drops that step's
+  # update on the device, counts it (train/skipped in the log) and trains on.
+  config.nonfinite = 'stop'
 
   config.log_every_steps = 50  # Train scalars, progress line and finiteness check.
   config.eval_every_steps = 250  # Validation loss, ToF images and best-checkpoint choice.
   config.checkpoint_every_steps = 500
   config.max_checkpoints_to_keep = 2  # Periodic checkpoints kept (the best one is extra).
-  return config
+  # Resume from a checkpoint whose state tree differs from the model's (an entry added,
+  # missing, or with another shape or dtype): the matching entries are restored, the others
+  # keep their initial values, and a warning lists them. When False, such a checkpoint is an
+  # error that lists the differences. It changes what is trained, so a resume may not switch
+  # it: a workdir whose run.json has it off (or predates it) rejects a launch with it on.
+  # Turn it on from the first launch in a new workdir that contains a copy of another run's
+  # checkpoints/ folder.
+  config.restore_partial = False
+  return platforms.apply(config, platform)

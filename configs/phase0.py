@@ -6,8 +6,8 @@
 from configs import default
 
 
-def get_config():
-  config = default.get_config()
+def get_config(platform: str = ''):
+  config = default.get_config(platform)
   config.model.decoder = 'shared'  # One trunk for all groups instead of one decoder each.
   # MAE is robust to the heavy tails of ToF distances and THM spikes; 'huber' also fits here.
   config.loss.kind = 'mae'

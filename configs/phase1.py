@@ -6,8 +6,8 @@
 from configs import phase0
 
 
-def get_config():
-  config = phase0.get_config()
+def get_config(platform: str = ''):
+  config = phase0.get_config(platform)
   # Laplace form of the MAE: groups with noisier reconstructions learn a larger variance and
   # stop dominating the gradient of the easier ones.
   config.loss.kind = 'conf_mae'

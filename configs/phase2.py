@@ -9,8 +9,8 @@ to a harder ratio over the first 10 epochs (a fifth of the default 50), then sta
 from configs import phase1
 
 
-def get_config():
-  config = phase1.get_config()
+def get_config(platform: str = ''):
+  config = phase1.get_config(platform)
   config.mask_start = 0.3
   config.mask_end = 0.75
   config.mask_epochs = 10

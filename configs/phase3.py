@@ -9,8 +9,8 @@ views saw the value. This trains the model to give the same answer whatever else
 from configs import phase2
 
 
-def get_config():
-  config = phase2.get_config()
+def get_config(platform: str = ''):
+  config = phase2.get_config(platform)
   config.lambda_cons = 0.1
   config.consistency.positions = 'both_visible'
   return config

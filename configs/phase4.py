@@ -11,8 +11,8 @@ schedule, so the keys change more and more slowly as training settles.
 from configs import phase3
 
 
-def get_config():
-  config = phase3.get_config()
+def get_config(platform: str = ''):
+  config = phase3.get_config(platform)
   config.lambda_contrastive = 0.1
   config.contrastive.momentum = 0.99
   config.contrastive.momentum_schedule = 'cosine'

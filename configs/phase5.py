@@ -12,8 +12,8 @@ switched off on its own with `--config.model.positional_embedding=False` or
 from configs import phase4
 
 
-def get_config():
-  config = phase4.get_config()
+def get_config(platform: str = ''):
+  config = phase4.get_config(platform)
   config.model.positional_embedding = True
   config.model.sensor_embedding = True
   return config

@@ -12,8 +12,8 @@ L = L_recon + lambda_cons * L_cons + lambda_denoise * L_denoise
 from configs import phase5
 
 
-def get_config():
-  config = phase5.get_config()
+def get_config(platform: str = ''):
+  config = phase5.get_config(platform)
   config.lambda_denoise = 0.1
   config.denoise.ratio = 0.1
   config.denoise.sigma = 0.5

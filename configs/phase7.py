@@ -26,8 +26,8 @@ set --config.loss.kind=conf_huber and add 'loss.huber_delta=0.5,1,2' to the grid
 from configs import phase6
 
 
-def get_config():
-  config = phase6.get_config()
+def get_config(platform: str = ''):
+  config = phase6.get_config(platform)
   config.study.seeds = 2
   config.study.ablations = ('uncertainty,curriculum,consistency,contrastive,'
                             'positional_embedding,sensor_embedding,denoise,shared_decoder')

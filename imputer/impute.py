@@ -133,6 +133,14 @@ def _restore(workdir: str, config, model, input_layouts, target_layouts):
     kind = 'best by validation loss'
     if restored is None:
       restored, kind = checkpoints.restore_latest(abstract), 'latest'
+  except checkpointing.CheckpointMismatchError as error:
+    # Impute mode has no partial restore: parameters left at their initial values would
+    # give meaningless predictions.
+    raise ValueError(
+        f'{error.summary()}\n{workdir}/config.json describes another model than the one in '
+        'the checkpoint: the file was changed after training, or this version of imputer '
+        'builds the model differently. Restore the original config.json of the run, or '
+        'impute with the version of imputer that trained it.') from error
   except (KeyError, FileNotFoundError, ValueError) as error:
     raise ValueError(
         f'{workdir}: the checkpoint could not be read ({error}); it may be incomplete, for '
@@ -219,7 +227,7 @@ def predict_sequences(imputer: Imputer, sequences, stride: int | None = None,
   sums = [{l.name: np.zeros((4, s.length, l.num_raw)) for l in imputer.target_layouts}
           for s in sequences]
   batch_size = imputer.config.eval_batch_size
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(imputer.config.get('mesh', 'flat'))
   sharding.check_batch_size(batch_size, mesh, 'eval_batch_size')
   for batch_index, batch, real in evaluation.global_batches(windows, batch_size, mesh):
     recon, log_var = jax.device_get(imputer.predict_fn(imputer.params, batch,
@@ -280,7 +288,7 @@ def _check_input(path: str) -> int:
     raise ValueError(f'{path}: the table has a header but no data rows; check that the export '
                      'wrote the rows.')
   if kind == 'CSV':
-    cmi.check_last_csv_row(path, len(columns))
+    cmi.check_csv_field_counts(path, len(columns))
   target_columns = [c for _, cols in _target_columns() for c in cols]
   produced = [f'{g}{IMPUTED_SUFFIX}' for g, _ in _target_columns()]
   produced += [f'{c}{STD_SUFFIX}' for c in target_columns]

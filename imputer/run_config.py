@@ -1,4 +1,5 @@
-"""Checks on a run's resolved config: value ranges, and resuming a workdir with it.
+"""Checks on a run's resolved config: value ranges, the window against the loaded data, and
+resuming a workdir with it.
 
 A workdir belongs to one run. `run.json` in it records the resolved config and a fingerprint
 of the loaded data, and a later launch in the same workdir resumes only when both match, so a
@@ -7,22 +8,28 @@ resumed run really continues the run that its checkpoints came from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 
+import jax
 import numpy as np
+from absl import logging
 
 from configs import default as default_config
+from configs import platforms
 from imputer import contrastive
 from imputer import denoising
+from imputer import models
+from imputer import sharding
 
 # Fields that change only logging, evaluation batching, checkpoint cadence or how a study
 # schedules its variants, never the trained parameters or the figures beyond float
 # rounding, so a resume may change them.
 RESUME_MAY_CHANGE = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                      'max_checkpoints_to_keep', 'eval_batch_size', 'study.mode',
-                     'study.group_size', 'prefetch_depth')
+                     'study.group_size', 'prefetch_depth', 'mesh')
 
 RUN_FILE = 'run.json'
 
@@ -98,10 +105,62 @@ def validate(config) -> None:
   _require(not m.variance_head or config.loss.kind.startswith('conf_'), 'model.variance_head',
            m.variance_head, f'it needs a conf_ loss.kind (now {config.loss.kind!r}), which '
            'trains the variances; set --config.loss.kind=conf_mse or conf_mae')
+  _require(m.compute_dtype in models.COMPUTE_DTYPES, 'model.compute_dtype', m.compute_dtype,
+           "use 'float32' or 'bfloat16'")
+  _require(config.platform in platforms.PLATFORMS, 'platform', config.platform,
+           "use 'cpu', 'gpu' or 'tpu' after the config path, as in configs/phase3.py:gpu")
+  _require(config.per_device_batch_size >= 0, 'per_device_batch_size',
+           config.per_device_batch_size, 'use 0 (batch_size is the global batch) or more')
+  _require(config.mesh in sharding.MESH_KINDS, 'mesh', config.mesh, "use 'flat' or 'topology'")
+  _require(config.matmul_precision in MATMUL_PRECISIONS, 'matmul_precision',
+           config.matmul_precision, "use 'default', 'high' or 'highest'")
+  _require(config.nonfinite in ('stop', 'skip'), 'nonfinite', config.nonfinite,
+           "use 'stop' or 'skip'")
   _require(config.prefetch_depth >= 0, 'prefetch_depth', config.prefetch_depth,
            'use 0 (off) or more batches')
   _require(config.optim.learning_rate > 0, 'optim.learning_rate', config.optim.learning_rate,
            'use a value above 0')
+
+
+def check_window_fits(config, recording_set) -> None:
+  """Raise ValueError when data.window is longer than every sequence of the loaded data.
+
+  Every window would then end in padding, which costs compute and is never scored.
+  """
+  longest = max(seq.length for seq in recording_set.sequences)
+  _require(config.data.window <= longest, 'data.window', config.data.window,
+           f'the longest sequence of {recording_set.source} has {longest} timesteps, so set '
+           f'--config.data.window to at most {longest}, and data.train_stride to at most the '
+           'new window')
+
+
+MATMUL_PRECISIONS = ('default', 'high', 'highest')
+
+
+def resolve_platform(config, device_count: int, backend: str) -> None:
+  """Turn a per-device batch into global batch sizes, and warn about another backend.
+
+  With per_device_batch_size above 0, batch_size becomes it times `device_count` (every
+  device of every process) and eval_batch_size 4 times that; config.json records the result.
+  """
+  if config.per_device_batch_size > 0:
+    config.batch_size = config.per_device_batch_size * device_count
+    config.eval_batch_size = 4 * config.batch_size
+    logging.info('per_device_batch_size=%d on %d devices: batch_size %d, eval_batch_size %d',
+                 config.per_device_batch_size, device_count, config.batch_size,
+                 config.eval_batch_size)
+  if config.platform != backend:
+    logging.warning(
+        'The config is set up for platform %r but jax runs on %r; the run goes ahead with '
+        'those settings. Pick the matching variant, for example --config=configs/phase1.py:%s.',
+        config.platform, backend, backend if backend in platforms.PLATFORMS else 'cpu')
+
+
+def matmul_precision(config):
+  """Return a context that sets jax's default matmul precision to the config's."""
+  if config.matmul_precision == 'default':
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(config.matmul_precision)
 
 
 def data_fingerprint(recording_set) -> str:

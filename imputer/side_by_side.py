@@ -43,6 +43,7 @@ from absl import logging
 from imputer import checkpointing
 from imputer import evaluation
 from imputer import metric_writer
+from imputer import preemption
 from imputer import prefetch
 from imputer import run_config
 from imputer import sharding
@@ -244,7 +245,7 @@ def train_group(group: Group) -> None:
   scalers_json = None
   for member in group.members:
     scalers_json = train.open_workdir(member.config, member.path, data)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(structure.mesh)
   built = build_group(group, data, mesh)
   state, hyper, train_step, num_steps = (built.state, built.hyper, built.train_step,
                                          built.num_steps)
@@ -275,54 +276,68 @@ def train_group(group: Group) -> None:
   pending, pending_start, window_start = [], start_step, time.perf_counter()
   batches = prefetch.prefetch(train.train_batches(structure, data, mesh, start_step, num_steps),
                               structure.prefetch_depth)
-  for step, batch in zip(range(start_step, num_steps), batches):
-    state, metrics = train_step(state, batch, hyper)
-    pending.append(metrics)
-    done = step + 1
-    is_last = done == num_steps
+  with preemption.Watch() as watch:
+    for step, batch in zip(range(start_step, num_steps), batches):
+      state, metrics = train_step(state, batch, hyper)
+      pending.append(metrics)
+      done = step + 1
+      is_last = done == num_steps
 
-    if done % structure.log_every_steps == 0 or is_last:
-      fetched = jax.device_get(pending)
-      rate = len(pending) / max(time.perf_counter() - window_start, 1e-9)
-      for index, member in enumerate(group.members):
-        own = _member_metrics(fetched, index)
-        try:
-          train.check_finite(own, pending_start, last_saved[index])
-        except FloatingPointError as error:
-          raise FloatingPointError(f'study variant {member.variant.name} seed '
-                                   f'{member.seed_offset}: {error}') from None
-        scalars = {f'train/{k}': v for k, v in train.mean_metrics(own).items()}
-        scalars['train/steps_per_second'] = rate
-        writers[index].write_scalars(done, scalars)
-      losses = np.mean([m['loss'] for m in fetched], axis=0)
-      logging.info('step %d/%d | loss %s | %.2f steps/s for %d variants | ETA %.0f s | %s',
-                   done, num_steps, ' '.join(f'{v:.4f}' for v in losses), rate, count,
-                   (num_steps - done) / rate, data.tag)
-      pending, pending_start, window_start = [], done, time.perf_counter()
+      if done % structure.log_every_steps == 0 or is_last:
+        fetched = jax.device_get(pending)
+        rate = len(pending) / max(time.perf_counter() - window_start, 1e-9)
+        for index, member in enumerate(group.members):
+          own = _member_metrics(fetched, index)
+          try:
+            train.check_finite(own, pending_start, last_saved[index])
+          except FloatingPointError as error:
+            raise FloatingPointError(f'study variant {member.variant.name} seed '
+                                     f'{member.seed_offset}: {error}') from None
+          scalars = {f'train/{k}': v for k, v in train.mean_metrics(own).items()}
+          scalars['train/steps_per_second'] = rate
+          writers[index].write_scalars(done, scalars)
+        losses = np.mean([m['loss'] for m in fetched], axis=0)
+        logging.info('step %d/%d | loss %s | %.2f steps/s for %d variants | ETA %.0f s | %s',
+                     done, num_steps, ' '.join(f'{v:.4f}' for v in losses), rate, count,
+                     (num_steps - done) / rate, data.tag)
+        pending, pending_start, window_start = [], done, time.perf_counter()
 
-    if done % structure.eval_every_steps == 0 or is_last:
-      val = _validation_losses(built.validation_loss, state.params, hyper, data.validation,
-                               structure.eval_batch_size, mesh,
-                               jax.random.PRNGKey(structure.seed + 2))
-      for index, loss in enumerate(val):
-        writers[index].write_scalars(done, {'val/loss': loss})
-        if math.isfinite(loss) and (best[index] is None or loss < best[index]):
-          best[index] = float(loss)
-          if done not in checkpoints[index].best.all_steps():
-            checkpoints[index].save_best(done, member_state(index), scalers_json, loss)
-      logging.info('step %d | validation loss %s | %s', done,
-                   ' '.join(f'{v:.4f}' for v in val), data.tag)
+      if done % structure.eval_every_steps == 0 or is_last:
+        val = _validation_losses(built.validation_loss, state.params, hyper, data.validation,
+                                 structure.eval_batch_size, mesh,
+                                 jax.random.PRNGKey(structure.seed + 2))
+        for index, loss in enumerate(val):
+          writers[index].write_scalars(done, {'val/loss': loss})
+          if math.isfinite(loss) and (best[index] is None or loss < best[index]):
+            best[index] = float(loss)
+            if done not in checkpoints[index].best.all_steps():
+              checkpoints[index].save_best(done, member_state(index), scalers_json, loss)
+        logging.info('step %d | validation loss %s | %s', done,
+                     ' '.join(f'{v:.4f}' for v in val), data.tag)
 
-    if done % structure.checkpoint_every_steps == 0 or is_last:
-      # The group state first: a kill between the saves leaves members behind it, never ahead.
-      group_checkpoints.save(done, state, scalers_json)
-      group_checkpoints.wait()
-      for index, manager in enumerate(checkpoints):
-        if done not in manager.latest.all_steps():
-          manager.save(done, member_state(index), scalers_json)
-        last_saved[index] = done
-    for writer in writers:
-      writer.flush()
+      if done % structure.checkpoint_every_steps == 0 or is_last:
+        # The group state first: a kill between the saves leaves members behind it, never ahead.
+        group_checkpoints.save(done, state, scalers_json)
+        group_checkpoints.wait()
+        for index, manager in enumerate(checkpoints):
+          if done not in manager.latest.all_steps():
+            manager.save(done, member_state(index), scalers_json)
+          last_saved[index] = done
+      for writer in writers:
+        writer.flush()
+
+      if watch.should_stop(done) and not is_last:
+        # SIGTERM or SIGINT: save the group at this step (unless the cadence just did), then
+        # stop. The members' own checkpoints follow at the next cadence or at the end.
+        if done not in group_checkpoints.latest.all_steps():
+          group_checkpoints.save(done, state, scalers_json)
+        for manager in checkpoints + [group_checkpoints]:
+          manager.wait()
+          manager.close()
+        batches.close()
+        for writer in writers:
+          writer.close()
+        raise preemption.Preempted(done, watch.received, group.path)
   # A study killed between the group's final save and its members' gets them written now.
   for index, manager in enumerate(checkpoints):
     if manager.latest.latest_step() != num_steps and int(state.step[0]) == num_steps:

@@ -14,12 +14,15 @@ slower than the grid repeats each sample on every grid point it is nearest to.
 
 Decisions on incomplete recordings:
 
-* An input file that is missing, or that contains no data rows, raises ValueError: the
-  model needs its inputs, so the folder must be fixed or moved out.
+* An input file that is missing, or that contains no data rows, raises ValueError naming
+  the folder, the recording and the file. The model needs its inputs, so the folder must be
+  fixed or the recording moved out.
 * A target file that is missing or has no data rows leaves that target group missing at
   every grid point of the recording (no ground truth there). The recording still loads,
-  and the case is counted in `excluded`. A target group with no observed value in any
-  recording raises ValueError, because that usually means a wrong file or column name.
+  the case is counted in `excluded`, and a warning names the file. A target group with no
+  observed value in any recording raises ValueError, because that usually means a wrong
+  file or column name.
+* A row with fewer fields than the header, blank lines included, raises ValueError.
 * A recording whose streams do not overlap in time is skipped and counted.
 
 A spec with role 'label' (at most one, with one column) is not a channel group: it is aligned
@@ -40,6 +43,7 @@ from absl import logging
 import numpy as np
 import polars as pl
 
+from imputer import cmi
 from imputer import features
 from imputer import recordings
 
@@ -322,12 +326,13 @@ def _read_recording_streams(folder: str, subject: str, specs):
   excluded = collections.Counter()
   for spec in specs:
     path = os.path.join(folder, subject, spec.file)
-    stream = _read_stream_or_none(path, spec)
+    stream = _read_stream_or_none(folder, subject, spec)
     if stream is None:
       reason = 'file missing' if not os.path.isfile(path) else 'no data rows'
       excluded[f'{spec.group}: recordings without {spec.role} data ({reason})'] += 1
-      logging.warning('%s: %s %s has no data (%s), so it is missing in this recording.',
-                      subject, spec.role, spec.group, reason)
+      logging.warning('Recording %r in %s: %s has no data (%s), so %s group %r is missing in '
+                      'the whole recording.', subject, folder, path, reason, spec.role,
+                      spec.group)
       continue
     streams[spec.group] = stream
     excluded[f'{spec.group}: rows sharing a timestamp, averaged into one'] += stream.repeated_rows
@@ -362,20 +367,22 @@ def _log_recording(subject: str, grid, aligned, sequences, excluded) -> None:
       'Excluded: %s', subject, grid.size, len(sequences), lengths, observed, dict(+excluded))
 
 
-def _read_stream_or_none(path: str, spec: StreamSpec) -> _Stream | None:
+def _read_stream_or_none(folder: str, subject: str, spec: StreamSpec) -> _Stream | None:
   """Read one stream file, or return None for a target file that is missing or has no rows."""
+  path = os.path.join(folder, subject, spec.file)
   if not os.path.isfile(path):
     if spec.role == 'input':
       raise ValueError(
-          f'{path} not found: every recording needs the input file {spec.file!r} '
-          f'(group {spec.group!r}). Add the file or move that recording folder out.')
+          f'{path} not found: recording {subject!r} in {folder} lacks the input file '
+          f'{spec.file!r} of group {spec.group!r}, which every recording needs. Add the file '
+          'or move that recording folder out.')
     return None
   frame = _read_csv_as_text(path)
   if frame.height == 0:
     if spec.role == 'input':
       raise ValueError(
           f'{path} contains no data rows, so input group {spec.group!r} has no samples in '
-          f'this recording. Move that recording folder out or remove the group.')
+          f'recording {subject!r}. Move that recording folder out or remove the group.')
     return None
 
   expected_columns = (spec.timestamp_column,) + spec.columns
@@ -393,13 +400,19 @@ def _read_stream_or_none(path: str, spec: StreamSpec) -> _Stream | None:
 
 
 def _read_csv_as_text(path: str) -> pl.DataFrame:
-  """Read every column as text, so that parsing errors can name the row and value."""
+  """Read every column as text, so that parsing errors can name the row and value.
+
+  Raises ValueError for a row with fewer fields than the header, which would otherwise read
+  as missing values.
+  """
   try:
-    return pl.read_csv(path, infer_schema_length=0)
+    frame = pl.read_csv(path, infer_schema_length=0)
   except pl.exceptions.NoDataError:
     return pl.DataFrame()
   except pl.exceptions.PolarsError as error:
     raise ValueError(f'{path}: failed to parse as CSV: {error}') from error
+  cmi.check_csv_field_counts(path, frame.width)
+  return frame
 
 
 def _parse_column(path: str, frame: pl.DataFrame, column: str,

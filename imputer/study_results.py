@@ -200,10 +200,12 @@ def write_best_config(workdir: str, config, variant, score: float) -> str:
             f'Chosen on the validation subjects by the mean validation R² of the model over '
             f'every target group\nin both scenarios, averaged over seeds: {score:.4f}.\n\n'
             f'  python launch.py --config={path} --workdir=DIR\n"""\n\n'
-            'import json\n\nimport ml_collections\n\n'
+            'import json\n\nimport ml_collections\n\nfrom configs import platforms\n\n'
             f'CONFIG = r"""\n{text}\n"""\n\n\n'
-            'def get_config():\n'
-            '  return ml_collections.ConfigDict(json.loads(CONFIG))\n')
+            "def get_config(platform: str = ''):\n"
+            '  config = ml_collections.ConfigDict(json.loads(CONFIG))\n'
+            '  # Without a platform after the path, the study\'s own platform settings stay.\n'
+            '  return platforms.apply(config, platform) if platform else config\n')
   return path
 
 

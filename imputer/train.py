@@ -21,6 +21,7 @@ from imputer import folds
 from imputer import layout as layout_lib
 from imputer import metric_writer
 from imputer import models
+from imputer import preemption
 from imputer import prefetch
 from imputer import probe
 from imputer import recordings
@@ -73,6 +74,18 @@ def prepare_data(config) -> RunData:
   for reason, count in sorted(recording_set.excluded.items()):
     logging.warning('Left out or treated as missing by the data source: %d x %s', count,
                     reason)
+  unobserved = [group for group in recording_set.target_groups
+                if not any(s.observed[group.name].any() for s in recording_set.sequences)]
+  if unobserved:
+    described = []
+    for group in unobserved:
+      first, last = group.columns[0], group.columns[-1]
+      described.append(f'{group.name} ({first}..{last})' if last != first else group.name)
+    raise ValueError(
+        f'{recording_set.source}: no sequence has an observed value of the target group(s) '
+        f'{", ".join(described)}, so there is nothing to learn or score for them; check those '
+        'columns, or use data in which they are recorded.')
+  run_config.check_window_fits(config, recording_set)
   tag = data_tag(recording_set)
   split = folds.split_subjects(recording_set, config.data.num_folds, config.data.fold,
                                config.data.split_seed)
@@ -82,11 +95,6 @@ def prepare_data(config) -> RunData:
   target_layouts = layout_lib.build_layouts(recording_set.target_groups)
   layouts = input_layouts + target_layouts
 
-  if not any(s.has_target_truth(recording_set.target_names) for s in recording_set.sequences):
-    raise ValueError(
-        f'{recording_set.source}: no sequence has an observed value of any target group '
-        f'({", ".join(recording_set.target_names)}), so there is nothing to learn or score; '
-        'check the target columns, or use data that has them for some sequences.')
   per_split, skipped = {}, {}
   for name, subjects in dataclasses.asdict(split).items():
     per_split[name], skipped[name] = _with_truth(recording_set, subjects)
@@ -142,22 +150,33 @@ def total_steps(config, num_windows: int) -> int:
 
 
 def check_finite(fetched: list, first_step: int, last_good: int | None) -> None:
-  """Raise FloatingPointError naming the first step and loss term that is not finite.
+  """Raise FloatingPointError naming the first step and loss terms that are not finite.
 
-  `fetched` contains the host copies of the metrics of steps first_step + 1, first_step + 2, ...
+  `fetched` contains the host copies of the metrics of steps first_step + 1, first_step + 2,
+  ... Steps that the step itself skipped (config.nonfinite='skip') are left out. The message
+  lists the loss terms first (such as loss_recon), then the total loss and the gradient norm.
   """
   for offset, metrics in enumerate(fetched):
-    for name, value in sorted(metrics.items()):
-      if name.startswith(('loss', 'grad_norm')) and not math.isfinite(float(value)):
-        kept = 'none yet' if last_good is None else f'step {last_good}'
-        raise FloatingPointError(
-            f'training stopped: {name} = {float(value)} at step {first_step + offset + 1}. '
-            f'The last good checkpoint ({kept}) is kept; lower optim.learning_rate or check '
-            'the data for extreme values.')
+    if float(metrics.get('skipped', 0.0)) > 0:
+      continue
+    names = sorted(metrics, key=lambda n: (not n.startswith('loss_'), n != 'loss', n))
+    bad = [f'{name} = {float(metrics[name])}' for name in names
+           if name.startswith(('loss', 'grad_norm')) and not math.isfinite(float(metrics[name]))]
+    if bad:
+      kept = 'none yet' if last_good is None else f'step {last_good}'
+      raise FloatingPointError(
+          f'training stopped: {", ".join(bad)} at step {first_step + offset + 1}. The last '
+          f'good checkpoint ({kept}) is kept; lower optim.learning_rate, check the data for '
+          "extreme values, or set --config.nonfinite=skip to drop such steps' updates.")
 
 
 def mean_metrics(fetched: list) -> dict[str, float]:
-  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  """Average each metric over the steps, leaving out skipped steps; 'skipped' is summed."""
+  kept = [m for m in fetched if not float(m.get('skipped', 0.0))] or fetched
+  means = {k: float(np.mean([m[k] for m in kept])) for k in fetched[0]}
+  if 'skipped' in fetched[0]:
+    means['skipped'] = float(sum(float(m['skipped']) for m in fetched))
+  return means
 
 
 def tof_images(data: RunData, recon: dict, hidden: dict) -> dict[str, np.ndarray]:
@@ -269,7 +288,8 @@ def state_initializer(steps: training.Steps, data: RunData):
   example = jax.tree.map(lambda x: x[:1], data.train.take(np.arange(1)))
   init = functools.partial(training.create_train_state, model=steps.model, tx=steps.tx,
                            input_layouts=data.input_layouts, target_layouts=data.target_layouts,
-                           prior=config.model.interpolation_prior, queue_size=queue_size)
+                           prior=config.model.interpolation_prior, queue_size=queue_size,
+                           count_skipped=config.nonfinite == 'skip')
   return init, example
 
 
@@ -324,7 +344,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   scalers_json = open_workdir(config, workdir, data)
 
   # Model, optimizer and compiled steps.
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   compiled = build_steps(config, data, mesh)
   state, train_step, predict_fns = compiled.state, compiled.train_step, compiled.predict_fns
@@ -333,7 +353,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Restore.
   checkpoints = checkpointing.Checkpoints(workdir, config.max_checkpoints_to_keep)
   abstract = checkpointing.abstract_like(state)
-  restored = checkpoints.restore_latest(abstract)
+  # A checkpoint with another state tree is an error unless restore_partial is on. Then the
+  # entries that differ keep their values from `state`, and restore_latest logs a warning that
+  # lists them. NOTE: an older best checkpoint in checkpoints_best/ keeps its tree, so the
+  # restore_best below still raises for it.
+  restored = checkpoints.restore_latest(abstract, partial=config.restore_partial,
+                                        fallback=state)
   if restored is not None:
     state, saved_scalers = restored
     if saved_scalers != json.loads(json.dumps(scalers_json)):
@@ -354,41 +379,57 @@ def train_and_evaluate(config, workdir: str) -> dict:
   pending, pending_start, window_start = [], start_step, time.perf_counter()
   batches = prefetch.prefetch(train_batches(config, data, mesh, start_step, num_steps),
                               config.prefetch_depth)
-  for step, batch in zip(range(start_step, num_steps), batches):
-    state, metrics = train_step(state, batch)
-    pending.append(metrics)
-    done = step + 1
-    is_last = done == num_steps
+  with preemption.Watch() as watch:
+    for step, batch in zip(range(start_step, num_steps), batches):
+      state, metrics = train_step(state, batch)
+      pending.append(metrics)
+      done = step + 1
+      is_last = done == num_steps
 
-    if done % config.log_every_steps == 0 or is_last:
-      fetched = jax.device_get(pending)
-      check_finite(fetched, pending_start, last_saved)
-      elapsed = time.perf_counter() - window_start
-      rate = len(pending) / max(elapsed, 1e-9)
-      scalars = {f'train/{k}': v for k, v in mean_metrics(fetched).items()}
-      scalars['train/steps_per_second'] = rate
-      writer.write_scalars(done, scalars)
-      logging.info('step %d/%d | loss %.4f | %.2f steps/s | ETA %.0f s | %s', done, num_steps,
-                   scalars['train/loss'], rate, (num_steps - done) / rate, data.tag)
-      pending, pending_start, window_start = [], done, time.perf_counter()
+      if done % config.log_every_steps == 0 or is_last:
+        fetched = jax.device_get(pending)
+        check_finite(fetched, pending_start, last_saved)
+        elapsed = time.perf_counter() - window_start
+        rate = len(pending) / max(elapsed, 1e-9)
+        scalars = {f'train/{k}': v for k, v in mean_metrics(fetched).items()}
+        scalars['train/steps_per_second'] = rate
+        writer.write_scalars(done, scalars)
+        logging.info('step %d/%d | loss %.4f | %.2f steps/s | ETA %.0f s | %s', done, num_steps,
+                     scalars['train/loss'], rate, (num_steps - done) / rate, data.tag)
+        if scalars.get('train/skipped'):
+          logging.warning('%d of the last %d steps had a non-finite loss or gradient and were '
+                          'skipped (%d in the run so far) | %s', scalars['train/skipped'],
+                          len(fetched), int(state.skipped), data.tag)
+        pending, pending_start, window_start = [], done, time.perf_counter()
 
-    if done % config.eval_every_steps == 0 or is_last:
-      val_metrics, recon, hidden, _ = evaluation.predict_windows(
-          predict_fns['random_mask'], state.params, data.validation, config.eval_batch_size,
-          mesh, jax.random.PRNGKey(config.seed + 2))
-      writer.write_scalars(done, {f'val/{k}': v for k, v in val_metrics.items()})
-      writer.write_images(done, tof_images(data, recon, hidden))
-      logging.info('step %d | validation loss %.4f | %s', done, val_metrics['loss'], data.tag)
-      if math.isfinite(val_metrics['loss']) and (best_loss is None
-                                                 or val_metrics['loss'] < best_loss):
-        best_loss = val_metrics['loss']
-        checkpoints.save_best(done, state, scalers_json, best_loss)
+      if done % config.eval_every_steps == 0 or is_last:
+        val_metrics, recon, hidden, _ = evaluation.predict_windows(
+            predict_fns['random_mask'], state.params, data.validation, config.eval_batch_size,
+            mesh, jax.random.PRNGKey(config.seed + 2))
+        writer.write_scalars(done, {f'val/{k}': v for k, v in val_metrics.items()})
+        writer.write_images(done, tof_images(data, recon, hidden))
+        logging.info('step %d | validation loss %.4f | %s', done, val_metrics['loss'], data.tag)
+        if math.isfinite(val_metrics['loss']) and (best_loss is None
+                                                   or val_metrics['loss'] < best_loss):
+          best_loss = val_metrics['loss']
+          checkpoints.save_best(done, state, scalers_json, best_loss)
 
-    if done % config.checkpoint_every_steps == 0 or is_last:
-      check_finite(jax.device_get(pending), pending_start, last_saved)
-      checkpoints.save(done, state, scalers_json)
-      last_saved = done
-    writer.flush()
+      if done % config.checkpoint_every_steps == 0 or is_last:
+        check_finite(jax.device_get(pending), pending_start, last_saved)
+        checkpoints.save(done, state, scalers_json)
+        last_saved = done
+      writer.flush()
+
+      if watch.should_stop(done) and not is_last:
+        # SIGTERM or SIGINT: save this step (unless the cadence just did) and stop.
+        check_finite(jax.device_get(pending), pending_start, last_saved)
+        if last_saved != done:
+          checkpoints.save(done, state, scalers_json)
+        checkpoints.wait()
+        batches.close()
+        writer.close()
+        checkpoints.close()
+        raise preemption.Preempted(done, watch.received, workdir)
   checkpoints.wait()
 
   # Evaluation with the best-by-validation parameters: the test subjects give the report, and

@@ -29,6 +29,9 @@ class TrainState:
   of the trunk and projection-head entries of `params`, never the same buffers. `queue`
   (K, D) contains unit-length keys, `queue_ptr` is the next slot to write and
   `queue_filled` counts the slots that contain a key. Without it the four fields are None.
+
+  With `nonfinite='skip'`, `skipped` counts the steps whose update was dropped because the
+  loss or the gradient was not finite; otherwise it is None.
   """
 
   step: jax.Array
@@ -39,6 +42,7 @@ class TrainState:
   queue: Any = None
   queue_ptr: Any = None
   queue_filled: Any = None
+  skipped: Any = None
 
 
 def make_schedule(optim_config, total_steps: int) -> optax.Schedule:
@@ -354,6 +358,8 @@ class Steps:
       metrics.update(contrastive_metrics)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               **changes)
+    if self.config.nonfinite == 'skip':
+      new_state, metrics = skip_if_not_finite(state, new_state, metrics)
     return new_state, metrics
 
   def represent(self, params, batch, hyper=None):
@@ -379,8 +385,21 @@ class Steps:
     return {'loss': loss, **terms}, outputs['recon'], log_var
 
 
+def skip_if_not_finite(state: TrainState, new_state: TrainState, metrics: dict):
+  """Keep `state` (one step further) when the loss or the gradient norm is not finite.
+
+  The kept step counts in `skipped`, so a resumed run knows how many batches were skipped,
+  and the metrics gain 'skipped' (1.0 for this step) for the training loop's log.
+  """
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  kept = kept.replace(step=new_state.step,
+                      skipped=state.skipped + (~finite).astype(jnp.int32))
+  return kept, {**metrics, 'skipped': (~finite).astype(jnp.float32)}
+
+
 def create_train_state(rng, example_batch, *, model, tx, input_layouts, target_layouts,
-                       prior: bool, queue_size: int = 0):
+                       prior: bool, queue_size: int = 0, count_skipped: bool = False):
   """Initialise parameters from an example batch and return step-0 state.
 
   With `queue_size` > 0 the state also gets the projection head, a momentum copy of the
@@ -401,5 +420,7 @@ def create_train_state(rng, example_batch, *, model, tx, input_layouts, target_l
         ema_params=jax.tree.map(jnp.copy, {name: params[name] for name in trunk}),
         queue=jnp.zeros((queue_size, model.projection_dim), jnp.float32),
         queue_ptr=jnp.zeros((), jnp.int32), queue_filled=jnp.zeros((), jnp.int32))
+  if count_skipped:
+    extra['skipped'] = jnp.zeros((), jnp.int32)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=state_rng, **extra)

@@ -221,6 +221,15 @@ def truncated(frame, path):
     f.truncate(os.path.getsize(path) - 1500)
 
 
+def short_row_inside(frame, path):
+  frame.write_csv(path)
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  lines[40] = lines[40].rsplit(',', 3)[0] + '\n'  # Data row 40 loses its last 3 fields.
+  with open(path, 'w', encoding='utf-8') as f:
+    f.writelines(lines)
+
+
 def empty_sequence_id(frame, path):
   frame.with_columns(pl.when(pl.int_range(pl.len()) == 30).then(None)
                      .otherwise(pl.col('sequence_id')).alias('sequence_id')).write_csv(path)
@@ -231,7 +240,8 @@ def header_only(frame, path):
 
 
 @pytest.mark.parametrize('make, message', [
-    (truncated, r'the last row has \d+ of the header\'s 341 fields, so the file looks cut off'),
+    (truncated, r'the last row has \d+ of the header\'s 341 fields .*so the file looks cut off'),
+    (short_row_inside, r"data row 40 \(line 41\) has 338 of the header's 341 fields"),
     (empty_sequence_id, r"column 'sequence_id' is empty at data row 31"),
     (header_only, 'the table has a header but no data rows'),
 ])

@@ -124,27 +124,43 @@ def test_queue_checkpoint_round_trip(setup, tmp_path):
   assert int(restored.queue_ptr) == 4
 
 
-def test_two_devices_match_state(tmp_path):
-  results = {}
-  for devices in (1, 2):
-    out = tmp_path / f'state_{devices}.npz'
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS='cpu')
-    done = subprocess.run([sys.executable, '-m', 'tests.phase4_steps', str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results[devices] = dict(np.load(out))
-  assert int(results[2]['devices']) == 2
-  assert set(results[1]) == set(results[2])
+def run_steps(out, devices, *flags):
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS='cpu')
+  done = subprocess.run([sys.executable, '-m', 'tests.phase4_steps', str(out), *flags],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return dict(np.load(out))
+
+
+def test_devices_and_restores_match(tmp_path):
+  """1, 2 and 4 devices train alike, and checkpoints move between device counts."""
+  two, four = str(tmp_path / 'two_devices'), str(tmp_path / 'four_devices')
+  results = {
+      '1 device': run_steps(tmp_path / 'a.npz', 1),
+      # 2 devices, saving the state of step 2 on the way.
+      '2 devices': run_steps(tmp_path / 'b.npz', 2, '--save', two, '2'),
+      # 4 devices from the 2-device checkpoint of step 2, saving step 3 on the way.
+      '4 devices, restored from 2': run_steps(tmp_path / 'c.npz', 4, '--restore', two, '2',
+                                              '--save', four, '3'),
+      # 1 device from the 4-device checkpoint of step 3.
+      '1 device, restored from 4': run_steps(tmp_path / 'd.npz', 1, '--restore', four, '3'),
+  }
+  counts = [(int(r['devices']), int(r['first'])) for r in results.values()]
+  assert counts == [(1, 0), (2, 0), (4, 2), (1, 3)]
+  reference = results['1 device']
   # The attention key bias adds the same amount to every logit of a query, so softmax
   # cancels it and its true gradient is exactly 0. What reaches it is rounding noise, which
   # Adam scales up to full-size steps, so its values depend on the summation order of the
   # devices. Every other leaf must match.
-  names = [n for n in results[1] if n != 'devices' and "['key']['bias']" not in n]
+  names = [n for n in reference
+           if n not in ('devices', 'first') and "['key']['bias']" not in n]
   assert any('queue' in n for n in names)
   assert any('ema_params' in n for n in names)
-  for name in names:
-    np.testing.assert_allclose(results[2][name], results[1][name], rtol=2e-4, atol=2e-5,
-                               err_msg=name)
+  for label, result in results.items():
+    assert set(result) == set(reference), label
+    for name in names:
+      np.testing.assert_allclose(result[name], reference[name], rtol=2e-4, atol=2e-5,
+                                 err_msg=f'{label}: {name}')
 
 
 def test_imu_only_inputs_match_general(setup):

@@ -4,6 +4,8 @@ import importlib
 import json
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import phase1
 from imputer import run_config
@@ -51,6 +53,58 @@ def test_out_of_range_fields_are_rejected(field, value, message):
                                   'phase4', 'phase5', 'phase6', 'phase7', 'bfrb_watch'])
 def test_shipped_configs_are_valid(name):
   run_config.validate(importlib.import_module(f'configs.{name}').get_config())
+
+
+def load_config_flag(argument):
+  """Resolve --config=ARGUMENT exactly as launch.py does."""
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True)
+  flag_values(['launch.py', f'--config={argument}'])
+  return flag_values.config
+
+
+EXPECTED_PLATFORM = {
+    '': ('cpu', 'float32', 0, 'flat', 2),
+    ':cpu': ('cpu', 'float32', 0, 'flat', 2),
+    ':gpu': ('gpu', 'bfloat16', 64, 'topology', 4),
+    ':tpu': ('tpu', 'bfloat16', 64, 'topology', 4),
+}
+
+
+@pytest.mark.parametrize('suffix', sorted(EXPECTED_PLATFORM))
+@pytest.mark.parametrize('path', [f'configs/phase{n}.py' for n in range(8)]
+                         + ['configs/default.py', 'configs/bfrb_watch.py'])
+def test_every_config_resolves_for_every_platform(path, suffix):
+  # The watch preset takes its phase first: configs/bfrb_watch.py:phase4:gpu.
+  base = path + ':phase4' if path.endswith('bfrb_watch.py') else path
+  config = load_config_flag(base + suffix)
+  run_config.validate(config)
+  got = (config.platform, config.model.compute_dtype, config.per_device_batch_size,
+         config.mesh, config.prefetch_depth)
+  assert got == EXPECTED_PLATFORM[suffix]
+  # The platform changes only the fields it owns, never the model or the objective.
+  flat = run_config.flatten(json.loads(config.to_json_best_effort()))
+  cpu = run_config.flatten(json.loads(load_config_flag(base).to_json_best_effort()))
+  owned = {'platform', 'per_device_batch_size', 'mesh', 'model.compute_dtype',
+           'matmul_precision', 'prefetch_depth'}
+  assert {k for k in flat if flat[k] != cpu.get(k)} <= owned
+  assert set(flat) == set(cpu)
+
+
+def test_unknown_platform_is_named():
+  with pytest.raises(ValueError, match="unknown platform 'gpus'.*cpu, gpu, tpu"):
+    importlib.import_module('configs.phase3').get_config('gpus')
+  with pytest.raises(ValueError, match="'h100' is neither a phase"):
+    importlib.import_module('configs.bfrb_watch').get_config('phase3:h100')
+
+
+def test_per_device_batch_becomes_the_global_batch():
+  config = importlib.import_module('configs.phase1').get_config('gpu')
+  run_config.resolve_platform(config, device_count=8, backend='gpu')
+  assert (config.batch_size, config.eval_batch_size) == (64 * 8, 4 * 64 * 8)
+  cpu = importlib.import_module('configs.phase1').get_config()
+  run_config.resolve_platform(cpu, device_count=4, backend='cpu')
+  assert (cpu.batch_size, cpu.eval_batch_size) == (32, 128)  # The global batch as given.
 
 
 def test_resume_guard(tmp_path):

@@ -3,6 +3,7 @@ sequential training."""
 
 import json
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 
 from configs import phase7
 from imputer import checkpointing
+from imputer import preemption
 from imputer import side_by_side
 from imputer import study
 from imputer import train
@@ -126,9 +128,13 @@ def test_zero_weight_variants_equal_ablated_configs():
 
 
 def study_config(mode):
+  # Every schedule and piece of state that a resume must carry over: the curriculum ramp, the
+  # warmup and cosine decay, the contrastive queue and the cosine momentum of its encoder.
   config = test_train.tiny_config(
       lambda_cons=0.1, num_train_steps=8, eval_every_steps=4, checkpoint_every_steps=4,
-      log_every_steps=4, **{'model.positional_embedding': True})
+      log_every_steps=4, lambda_contrastive=0.1, mask_start=0.3, mask_end=0.6, mask_epochs=1,
+      **{'model.positional_embedding': True, 'contrastive.queue_size': 16,
+         'contrastive.momentum_schedule': 'cosine'})
   config.study.ablations = 'consistency,positional_embedding'
   config.study.mode = mode
   return config
@@ -193,28 +199,39 @@ def test_side_by_side_resume_evaluates_only_unfinished(side_by_side_study):
   assert [os.stat(p).st_mtime_ns for p in others] == stamps
 
 
-def test_killed_group_resumes_to_the_same_state(side_by_side_study, tmp_path, monkeypatch):
+def test_preempted_group_resumes_bit_exact(side_by_side_study, tmp_path, monkeypatch):
   workdir, variants = side_by_side_study
   config = study_config('side_by_side')
-  killed = str(tmp_path / 'killed')
-  [group] = side_by_side.plan_groups(config, variants, killed)
+  stopped = str(tmp_path / 'stopped')
+  [group] = side_by_side.plan_groups(config, variants, stopped)
   real_rows = train.batch_rows
 
-  def stop_at_step_6(step, *args):
-    if step == 6:
-      raise KeyboardInterrupt('killed')
+  def sigint_at_step_5(step, *args):
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, on the prefetch thread.
     return real_rows(step, *args)
 
-  monkeypatch.setattr(train, 'batch_rows', stop_at_step_6)
-  with pytest.raises(KeyboardInterrupt):
+  monkeypatch.setattr(train, 'batch_rows', sigint_at_step_5)
+  with pytest.raises(preemption.Preempted, match='SIGINT received') as preempted:
     side_by_side.train_group(group)
+  step = preempted.value.step
+  assert 2 <= step <= 6 and step != 4  # Not a step that the cadence saves anyway.
   saved = checkpointing.Checkpoints(group.path, 5)
-  assert saved.latest.latest_step() == 4
+  assert saved.latest.latest_step() == step
   saved.close()
   monkeypatch.setattr(train, 'batch_rows', real_rows)
-  side_by_side.train_group(group)  # Resumes from the group checkpoint of step 4.
+  side_by_side.train_group(group)  # Resumes from the group checkpoint of `step`.
   for member in group.members:
-    (_, a), (_, b) = (final_params(study.run_dir(root, member.variant, 0))
-                      for root in (workdir, killed))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      np.testing.assert_array_equal(x, y)
+    restored = [checkpointing.Checkpoints(study.run_dir(root, member.variant, 0), 5)
+                for root in (workdir, stopped)]
+    states = [r.latest.restore(8)['state'] for r in restored]
+    for r in restored:
+      r.close()
+    leaves = [jax.tree_util.tree_leaves_with_path(s) for s in states]
+    assert [jax.tree_util.keystr(p) for p, _ in leaves[0]] == [
+        jax.tree_util.keystr(p) for p, _ in leaves[1]]
+    assert any('queue' in jax.tree_util.keystr(p) for p, _ in leaves[0])
+    assert any('ema_params' in jax.tree_util.keystr(p) for p, _ in leaves[0])
+    for (path, a), (_, b) in zip(*leaves):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                    err_msg=f'{member.variant.name} {jax.tree_util.keystr(path)}')

@@ -247,18 +247,33 @@ def test_infinite_value_is_rejected(tmp_path):
 
 
 def test_missing_input_file_raises(tmp_path):
-  write_pulse(tmp_path / 'a', PULSE_ROWS)
+  write_motion(tmp_path / 'rec-1', WRAPPED_MOTION_ROWS)
+  write_pulse(tmp_path / 'rec-1', PULSE_ROWS)
+  write_pulse(tmp_path / 'rec-2', PULSE_ROWS)
 
-  with pytest.raises(ValueError, match=r"motion\.csv not found.*input file 'motion\.csv'"):
+  with pytest.raises(ValueError) as error:
     streams.load_streams(str(tmp_path), [motion_spec(), pulse_spec()], 10.0)
 
+  path = os.path.join(tmp_path, 'rec-2', 'motion.csv')
+  assert str(error.value) == (
+      f"{path} not found: recording 'rec-2' in {tmp_path} lacks the input file 'motion.csv' of "
+      "group 'motion', which every recording needs. Add the file or move that recording folder "
+      'out.')
 
-def test_input_file_without_rows_raises(tmp_path):
-  write_motion(tmp_path / 'a', [])
+
+@pytest.mark.parametrize('content', ['', 'timestamp,x,y,label\n'])
+def test_input_file_without_rows_raises(tmp_path, content):
+  # A zero-byte file and a file with only its header row.
   write_pulse(tmp_path / 'a', PULSE_ROWS)
+  path = tmp_path / 'a' / 'motion.csv'
+  path.write_text(content)
 
-  with pytest.raises(ValueError, match=r'motion\.csv contains no data rows'):
+  with pytest.raises(ValueError) as error:
     streams.load_streams(str(tmp_path), [motion_spec(), pulse_spec()], 10.0)
+
+  assert str(error.value) == (
+      f"{path} contains no data rows, so input group 'motion' has no samples in recording 'a'. "
+      'Move that recording folder out or remove the group.')
 
 
 @pytest.mark.parametrize('write_target, reason', [

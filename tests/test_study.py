@@ -193,6 +193,9 @@ def test_best_config_loads_and_runs(tmp_path):
   assert best.lambda_cons == 0.0
   assert best.study.ablations == ''
   assert best.to_dict() == study.variant_config(config, variants[3].changes).to_dict()
+  on_tpu = module.get_config('tpu')
+  assert (on_tpu.platform, on_tpu.model.compute_dtype, on_tpu.lambda_cons) == (
+      'tpu', 'bfloat16', 0.0)
   tiny = ['--config.model.hidden_dim=16', '--config.model.encoder_layers=1',
           '--config.model.decoder_layers=1', '--config.model.num_heads=2',
           '--config.data.window=16', '--config.data.train_stride=8',

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 
 import chex
 import jax
@@ -10,8 +11,10 @@ import numpy as np
 import pytest
 
 from imputer import augment
+from imputer import checkpointing
 from imputer import evaluation
 from imputer import models
+from imputer import preemption
 from imputer import sharding
 from imputer import sources
 from imputer import train
@@ -93,23 +96,47 @@ def test_report_median_baseline_matches_numpy(finished_run):
       report['scenarios']['random_mask']['model']['tof']['count'])
 
 
-def test_resume_continues_like_an_uninterrupted_run(finished_run, tmp_path):
+def saved_state(workdir, step):
+  """Return the leaves of the state saved at `step` in `workdir`, as a {path: array} dict."""
+  manager = checkpointing.ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  restored = manager.restore(step, args=checkpointing.ocp.args.Composite(
+      state=checkpointing.ocp.args.StandardRestore()))['state']
+  manager.close()
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(restored)}
+
+
+def test_sigterm_saves_and_the_resumed_run_is_bit_exact(finished_run, tmp_path, monkeypatch):
   config, workdir, _ = finished_run
-  resumed = str(tmp_path / 'resumed')
-  shutil.copytree(workdir, resumed)
-  # Drop everything after step 40, as if the run had been stopped there.
-  for name in ('60', '80'):
-    shutil.rmtree(os.path.join(resumed, 'checkpoints', name))
-  shutil.rmtree(os.path.join(resumed, 'checkpoints_best'))
-  train.train_and_evaluate(config, resumed)
-  final = {}
-  for run in (workdir, resumed):
-    steps = sorted(int(n) for n in os.listdir(os.path.join(run, 'checkpoints')))
-    assert steps[-1] == 80
-    final[run] = read_metrics(run)[-1]
-  losses = {run: [r['train/loss'] for r in read_metrics(run) if r['step'] == 80 and
-                  'train/loss' in r][-1] for run in (workdir, resumed)}
-  np.testing.assert_allclose(losses[workdir], losses[resumed], rtol=1e-5)
+  preempted = str(tmp_path / 'preempted')
+  real_rows = train.batch_rows
+
+  def sigterm_at_step_33(step, *args):
+    # Called on the prefetch thread, a few steps ahead of the loop, like a real signal.
+    if step == 33:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_rows(step, *args)
+
+  monkeypatch.setattr(train, 'batch_rows', sigterm_at_step_33)
+  with pytest.raises(preemption.Preempted, match='SIGTERM received: training stopped after '
+                     r'step (\d+).*Run the same command again') as stopped:
+    train.train_and_evaluate(config, preempted)
+  step = stopped.value.step
+  # The prefetch thread runs up to 3 batches ahead of the loop, which stops after its current
+  # step: mid-epoch, between the periodic checkpoints of steps 20 and 40.
+  assert 29 <= step <= 34
+  assert stopped.value.exit_status == 128 + signal.SIGTERM
+  assert sorted(int(n) for n in os.listdir(os.path.join(preempted, 'checkpoints')))[-1] == step
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # The handler is removed again.
+
+  monkeypatch.setattr(train, 'batch_rows', real_rows)
+  train.train_and_evaluate(config, preempted)  # The same command resumes from `step`.
+  # Data order, masks, dropout, the mask ramp and the learning-rate schedule all continued
+  # exactly: parameters and optimizer state equal the uninterrupted run's bit for bit.
+  expected, got = saved_state(workdir, 80), saved_state(preempted, 80)
+  assert set(got) == set(expected)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
 def test_resume_with_changed_data_is_rejected(finished_run, tmp_path):
@@ -162,8 +189,35 @@ def test_batch_rows_cover_epoch():
 def test_non_finite_loss_names_step_and_term():
   pending = [{'loss': np.float32(1.0), 'loss_recon_thm': np.float32(0.5)},
              {'loss': np.float32(np.nan), 'loss_recon_thm': np.float32(np.nan)}]
-  with pytest.raises(FloatingPointError, match=r'loss = nan at step 12.*step 10'):
+  with pytest.raises(FloatingPointError,
+                     match=r'loss_recon_thm = nan, loss = nan at step 12.*step 10\).*nonfinite'):
     train.check_finite(pending, 10, 10)
+  # A step that the step function skipped is counted, not an error, and left out of the means.
+  pending[1]['skipped'] = np.float32(1.0)
+  pending[0]['skipped'] = np.float32(0.0)
+  train.check_finite(pending, 10, 10)
+  assert train.mean_metrics(pending) == {'loss': 1.0, 'loss_recon_thm': 0.5, 'skipped': 1.0}
+
+
+def test_skip_mode_drops_the_update_of_a_non_finite_step():
+  config = tiny_config(nonfinite='skip')
+  data = train.prepare_data(config)
+  steps = train.make_steps(config, data)[0]
+  init, example = train.state_initializer(steps, data)
+  step_fn = jax.jit(steps.train_step)
+  batches = [data.train.take(train.batch_rows(s, len(data.train), config.batch_size,
+                                              config.seed)) for s in (0, 1)]
+  group = data.target_layouts[0].name
+  observed = np.argwhere(batches[1]['observed'][group])[0]
+  batches[1]['values'][group][tuple(observed)] = np.inf  # An observed target value of inf.
+  after_good, metrics = step_fn(init(jax.random.PRNGKey(0), example), batches[0])
+  assert int(after_good.skipped) == 0 and float(metrics['skipped']) == 0.0
+  after_bad, metrics = step_fn(after_good, batches[1])
+  assert float(metrics['skipped']) == 1.0 and not np.isfinite(float(metrics['loss']))
+  assert (int(after_bad.step), int(after_bad.skipped)) == (2, 1)
+  for kept, before in zip(jax.tree.leaves((after_bad.params, after_bad.opt_state)),
+                          jax.tree.leaves((after_good.params, after_good.opt_state))):
+    np.testing.assert_array_equal(kept, before)
 
 
 def one_step(config, data, state=None):
