@@ -12,9 +12,9 @@ and the jax function it came from, such as
 
 - the device time per step, and the share of matmuls ('dot' and XNNPACK/YNNPACK fusions on
   the CPU), convolutions, reduce-window (the cumulative maxima of the interpolation) and the
-  rest;
+  rest.
 - the time per step of each top-level scope (the embedding, the encoder, the decoder, the
-  heads, and the masks and losses outside the model), forward and backward apart;
+  heads, and the masks and losses outside the model), forward and backward apart.
 - the --top slowest ops with their scope.
 
 It takes the flags of train_step.py (--config, --steps, --warmup) plus --trace_dir and --top.

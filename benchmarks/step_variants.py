@@ -17,7 +17,7 @@ against the code before it:
 
 The before-variants swap in the earlier implementations, kept below, while their step is
 traced. Each variant gets its own state and compiled step, with the shardings of training.
-After --warmup untimed steps each, the script runs --rounds rounds; in each round every
+After --warmup untimed steps each, the script runs --rounds rounds. In each round every
 variant runs steps // rounds steps on the same prebuilt device batches. Alternating in short
 blocks gives every variant the same share of whatever else the machine does, so the ratios
 hold even where the absolute rates drift. The script prints the median block time per step,

@@ -1,6 +1,7 @@
 """Run every benchmark in fresh processes and print one summary of all figures.
 
   python benchmarks/suite.py --out=benchmark_suite.json [--steps=30] [--rows=500000]
+      [--parts=throughput,scaling,preprocessing,impute]
 
 Parts, each a separate process so that compile caches and peak memory do not carry over:
 
@@ -8,7 +9,8 @@ Parts, each a separate process so that compile caches and peak memory do not car
    model: steps/s, windows/s, the input pipeline ratio and the achieved FLOP/s as a fraction
    of the float32 matmul peak measured in the same process.
 2. Scaling of phase 1: the step rate and the compile time of the first step against the
-   window length, the batch size and the model width, one field changed at a time.
+   window length, the batch size and the model width, one field changed at a time. The
+   window series runs on longer synthetic sequences (130 to 260 timesteps).
 3. `preprocessing.py`: reading, engineering and scaling a CMI CSV of --rows rows against a
    plain polars read, with peak memory.
 4. Impute mode on the same CSV, with a phase 1 model trained for --impute_train_steps steps:
@@ -41,13 +43,20 @@ _IMPUTE_TRAIN_STEPS = flags.DEFINE_integer(
     'impute_train_steps', 20, 'Training steps of the model that part 4 imputes with; its '
     'speed does not depend on how well it is trained.', lower_bound=1)
 
+_PARTS = flags.DEFINE_list('parts', ['throughput', 'scaling', 'preprocessing', 'impute'],
+                           'Parts to run, in this order.')
+
 PHASES = ('phase0', 'phase3', 'phase4', 'phase6')
 LARGER_MODEL = ('--config.model.hidden_dim=128', '--config.model.encoder_layers=4',
                 '--config.model.decoder_layers=4')
+# Field, values, and overrides that every point of the series shares. The window series runs
+# on synthetic sequences of 130 to 260 timesteps, so that a window of 128 fits in every one and
+# the three points see the same recordings.
 SCALING = {
-    'window': ('data.window', (32, 64, 128)),
-    'batch_size': ('batch_size', (16, 32, 64)),
-    'width': ('model.hidden_dim', (32, 64, 128)),
+    'window': ('data.window', (32, 64, 128), ('--config.data.synthetic.min_length=130',
+                                             '--config.data.synthetic.max_length=260')),
+    'batch_size': ('batch_size', (16, 32, 64), ()),
+    'width': ('model.hidden_dim', (32, 64, 128), ()),
 }
 
 _IMPUTE_SCRIPT = '''
@@ -109,10 +118,10 @@ def throughput_part() -> dict:
 
 def scaling_part() -> dict:
   results = {}
-  for name, (field, values) in SCALING.items():
+  for name, (field, values, shared) in SCALING.items():
     for value in values:
       print(f'scaling: {field}={value}', flush=True)
-      figures = train_step_figures('configs/phase1.py', f'--config.{field}={value}')
+      figures = train_step_figures('configs/phase1.py', f'--config.{field}={value}', *shared)
       results[f'{name}={value}'] = summarise_train_step(figures)
   return results
 
@@ -146,21 +155,23 @@ def format_summary(results: dict) -> str:
            f"{'train step':<24}{'params':>10}{'GFLOP/step':>11}{'steps/s':>9}{'windows/s':>10}"
            f"{'of peak':>9}{'pipeline':>10}{'compile s':>10}"]
   for part in ('throughput', 'scaling'):
-    for name, entry in results[part].items():
+    for name, entry in results.get(part, {}).items():
       lines.append(
           f"{name:<24}{entry['parameters']:>10,}{entry['gflop_per_step']:>11.3f}"
           f"{entry['steps_per_second']:>9.2f}{entry['windows_per_second']:>10.1f}"
           f"{entry['fraction_of_peak']:>9.1%}{entry['input_pipeline_ratio']:>10.3f}"
           f"{entry['compile_seconds']:>10.1f}")
-  prep = results['preprocessing']
-  lines += ['', f"preprocessing of {prep['polars']['rows']:,} rows: polars read "
-            f"{prep['polars']['seconds']:.2f} s, imputer path {prep['imputer']['seconds']:.2f} s "
-            f"(ratio {prep['time_ratio']:.2f}), peak memory "
-            f"{prep['imputer']['peak_memory_bytes'] / 1e9:.2f} GB"]
-  imp = results['impute']
-  lines.append(f"impute mode on {imp['rows']:,} rows: {imp['seconds']:.1f} s, "
-               f"{imp['rows'] / imp['seconds']:,.0f} rows/s, peak memory "
-               f"{imp['peak_memory_bytes'] / 1e9:.2f} GB")
+  if 'preprocessing' in results:
+    prep = results['preprocessing']
+    lines += ['', f"preprocessing of {prep['polars']['rows']:,} rows: polars read "
+              f"{prep['polars']['seconds']:.2f} s, imputer path {prep['imputer']['seconds']:.2f} "
+              f"s (ratio {prep['time_ratio']:.2f}), peak memory "
+              f"{prep['imputer']['peak_memory_bytes'] / 1e9:.2f} GB"]
+  if 'impute' in results:
+    imp = results['impute']
+    lines.append(f"impute mode on {imp['rows']:,} rows: {imp['seconds']:.1f} s, "
+                 f"{imp['rows'] / imp['seconds']:,.0f} rows/s, peak memory "
+                 f"{imp['peak_memory_bytes'] / 1e9:.2f} GB")
   lines.append('=' * 96)
   return '\n'.join(lines)
 
@@ -171,9 +182,14 @@ def main(argv):
   os.makedirs(_SCRATCH.value, exist_ok=True)
   csv = os.path.join(_SCRATCH.value, f'cmi_{_ROWS.value}.csv')
   start = time.perf_counter()
-  results = {'load_average_before': os.getloadavg()[0], 'throughput': throughput_part(),
-             'scaling': scaling_part(), 'preprocessing': preprocessing_part(csv),
-             'impute': impute_part(csv)}
+  parts = {'throughput': throughput_part, 'scaling': scaling_part,
+           'preprocessing': lambda: preprocessing_part(csv), 'impute': lambda: impute_part(csv)}
+  unknown = sorted(set(_PARTS.value) - set(parts))
+  if unknown:
+    raise app.UsageError(f'--parts contains {unknown}; use names from {sorted(parts)}.')
+  results = {'load_average_before': os.getloadavg()[0]}
+  for name in _PARTS.value:
+    results[name] = parts[name]()
   results['load_average_after'] = os.getloadavg()[0]
   results['seconds'] = time.perf_counter() - start
   print(format_summary(results))

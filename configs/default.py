@@ -199,7 +199,7 @@ def get_config(platform: str = '') -> ml_collections.ConfigDict:
   config.matmul_precision = 'default'
 
   # A step whose loss or gradient is not finite: 'stop' ends the run with an error that names
-  # the step and the loss term, keeping the last good checkpoint; 'skip' drops that step's
+  # the step and the loss term, keeping the last good checkpoint. 'skip' drops that step's
   # update on the device, counts it (train/skipped in the log) and trains on.
   config.nonfinite = 'stop'
 

@@ -7,14 +7,14 @@ Every config file takes the platform after a colon, CPU by default:
 
 The platform sets only how the run uses the hardware, never the model or the objective:
 - `per_device_batch_size`: with a value above 0, launch sets batch_size to it times the
-  number of devices of every process, and eval_batch_size to 4 times that;
+  number of devices of every process, and eval_batch_size to 4 times that.
 - `mesh`: 'flat' lays the `data` axis over jax.devices() in their order, 'topology' asks
-  jax's mesh_utils for an order that follows the chips' interconnect;
-- `model.compute_dtype`: bfloat16 on accelerators with bfloat16 matmul units;
+  jax's mesh_utils for an order that follows the chips' interconnect.
+- `model.compute_dtype`: bfloat16 on accelerators with bfloat16 matmul units.
 - `matmul_precision`: jax's default matmul precision for float32 matmuls ('default' lets a
-  GPU use TF32 and a TPU use bfloat16 passes; 'highest' asks for full float32);
+  GPU use TF32 and a TPU use bfloat16 passes, and 'highest' requests full float32).
 - `prefetch_depth`: batches built ahead on the host.
-The GPU and TPU figures are starting points that no accelerator run has tuned yet; any of
+The GPU and TPU values are starting points that no accelerator run has tuned yet. Any of
 them can be overridden on the command line as usual.
 """
 

@@ -103,6 +103,22 @@ def represent_windows(represent_fn, params, windows, batch_size: int, mesh) -> n
   return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+def represent_local_windows(represent_fn, params, windows, batch_size: int) -> np.ndarray:
+  """Return the (N, H) pooled representations of this process's own windows, in order.
+
+  Runs on this process's first device alone, without collectives, so that processes with
+  different windows (their shares of the training windows) need not take the same number
+  of steps. `params` is the replicated global state, and its local copy is used.
+  `represent_fn` must be jitted without shardings.
+  """
+  local_params = jax.tree.map(lambda x: x.addressable_data(0), params)
+  parts = []
+  for start in range(0, len(windows), batch_size):
+    rows, real = _padded_rows(start, batch_size, len(windows))
+    parts.append(np.asarray(represent_fn(local_params, windows.take(rows)))[:real])
+  return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
 def stitch(index: np.ndarray, arrays: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
   """Put (N, W, C) window arrays back into per-sequence (T, C) arrays."""
   out = [np.zeros((length, arrays.shape[-1]), arrays.dtype) for length in lengths]

@@ -223,7 +223,7 @@ def engineer(fs: FeatureSet, raw: np.ndarray, observed: np.ndarray, context: str
   if clean.dtype != np.float64:
     clean = clean.astype(np.float64)
   # A set that only copies its raw channels (the ToF pixels) has its values in `clean`
-  # already, NaN wherever unobserved; the copies and passes below are for computed features.
+  # already, NaN wherever unobserved. The copies and passes below are for computed features.
   copies_only = fs.num_copied == fs.num_features
   if copies_only:
     values = clean

@@ -10,7 +10,7 @@ resumes from that checkpoint, and the resumed run continues exactly as an uninte
 
 With several processes (jax.distributed), every process must save the same step. There the
 SIGTERM handler is JAX's own preemption service, which agrees on a step across processes
-(`multihost_utils.reached_preemption_sync_point`); SIGINT keeps its default behaviour
+(`multihost_utils.reached_preemption_sync_point`). SIGINT keeps its default behaviour there
 (KeyboardInterrupt in the process that gets it), because one process stopping alone would
 leave the others waiting in the next collective.
 """
@@ -38,7 +38,7 @@ class Preempted(Exception):
 
 
 class Watch:
-  """Record SIGTERM and SIGINT while training; see the module docstring.
+  """Recorder of SIGTERM and SIGINT during training, as the module docstring describes.
 
   Use as a context manager around the training loop. Outside the main thread, where Python
   cannot install signal handlers, nothing is installed and only JAX's multi-process
@@ -74,7 +74,7 @@ class Watch:
                     'stops (press Ctrl-C again to stop at once, without one).', name)
 
   def should_stop(self, step: int) -> bool:
-    """Return whether training should save `step` and stop; call it after every step.
+    """Return whether training should save `step` and stop. Call it after every step.
 
     Without jax.distributed the multi-process check returns False at once, so the call costs
     no device synchronisation.

@@ -215,7 +215,7 @@ def build_group(group: Group, data: train.RunData, mesh) -> GroupSteps:
   steps, num_steps = train.make_steps(structure, data)
   count = len(group.members)
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  steps_per_epoch = max(len(data.train) // structure.batch_size, 1)
+  steps_per_epoch = max(data.num_train_windows // structure.batch_size, 1)
   hyper = jax.device_put(stack_hyper([m.config for m in group.members], steps_per_epoch),
                          replicated)
   train.warn_about_queue(structure, data)

@@ -48,6 +48,9 @@ class RunData:
   test: windows_lib.Windows
   sequences: dict  # Split name -> the sequences with target truth that were windowed.
   skipped: dict  # Split name -> sequences without any observed target value.
+  # Training windows of every process together. With several processes, `train` contains only
+  # this process's share (see `prepare_data`); steps and epochs are counted from the total.
+  num_train_windows: int = 0
 
   @property
   def tag(self) -> str:
@@ -108,26 +111,40 @@ def prepare_data(config) -> RunData:
           'change data.fold or data.split_seed, or check the target columns of the data.')
   engineered = {n: windows_lib.engineer_sequences(s, layouts) for n, s in per_split.items()}
   scalers = windows_lib.fit_scalers(engineered['train'], layouts)
-  window = config.data.window
-  made = {n: windows_lib.make_windows(
-      engineered[n], layouts, scalers, window,
-      config.data.train_stride if n == 'train' else window) for n in engineered}
-  logging.info('Windows of %d timesteps: train %d | validation %d | test %d | %s', window,
-               len(made['train']), len(made['validation']), len(made['test']), tag)
+  window, stride = config.data.window, config.data.train_stride
+  num_train_windows = sum(len(windows_lib.window_starts(s.length, window, stride))
+                          for s in engineered['train'])
+  # Every process fits the scalers on all training sequences, so that they agree, but keeps
+  # the windows of its own share of them only: sequences process, process + P, ...
+  process, processes = jax.process_index(), jax.process_count()
+  engineered['train'] = engineered['train'][process::processes]
+  per_split['train'] = per_split['train'][process::processes]
+  if not engineered['train']:
+    raise ValueError(
+        f'process {process} of {processes} got no training sequence: there are fewer training '
+        'sequences than processes. Use fewer processes, or more data.')
+  made = {n: windows_lib.make_windows(engineered[n], layouts, scalers, window,
+                                      stride if n == 'train' else window) for n in engineered}
+  logging.info('Windows of %d timesteps: train %d (of %d, in process %d of %d) | validation %d '
+               '| test %d | %s', window, len(made['train']), num_train_windows, process,
+               processes, len(made['validation']), len(made['test']), tag)
   return RunData(recording_set, split, input_layouts, target_layouts, scalers, made['train'],
-                 made['validation'], made['test'], per_split, skipped)
+                 made['validation'], made['test'], per_split, skipped, num_train_windows)
 
 
-def batch_rows(step: int, num_windows: int, batch_size: int, seed: int) -> np.ndarray:
-  """Return the global window rows of `step`: a fresh seeded permutation every epoch.
+def batch_rows(step: int, num_windows: int, batch_size: int, seed: int, shard: int = 0,
+               num_shards: int = 1) -> np.ndarray:
+  """Return the window rows of `step`: a fresh seeded permutation every epoch.
 
   A function of the step alone, so a resumed run gets the same batches. The last partial
   batch of an epoch is left for the next epoch's permutation. With fewer windows than the
-  batch size, windows repeat within a batch.
+  batch size, windows repeat within a batch. With several shards (processes), each draws
+  from its own windows with its own permutations.
   """
   steps_per_epoch = max(num_windows // batch_size, 1)
   epoch, position = divmod(step, steps_per_epoch)
-  permutation = np.random.default_rng([seed, epoch]).permutation(num_windows)
+  key = [seed, epoch] if num_shards == 1 else [seed, epoch, shard]
+  permutation = np.random.default_rng(key).permutation(num_windows)
   if num_windows < batch_size:
     return np.resize(permutation, batch_size)
   return permutation[position * batch_size:(position + 1) * batch_size]
@@ -136,12 +153,14 @@ def batch_rows(step: int, num_windows: int, batch_size: int, seed: int) -> np.nd
 def train_batches(config, data: RunData, mesh, first_step: int, num_steps: int):
   """Yield the device batches of steps first_step .. num_steps - 1, in order.
 
-  Each process gathers its own rows of the step's global batch (`batch_rows`) and the
-  pieces form one array split along the mesh's `data` axis.
+  Each process draws batch_size / P rows from its own training windows (`batch_rows`), and
+  the pieces of the P processes form one array split along the mesh's `data` axis.
   """
+  process, processes = jax.process_index(), jax.process_count()
   for step in range(first_step, num_steps):
-    rows = batch_rows(step, len(data.train), config.batch_size, config.seed)
-    yield sharding.to_global(data.train.take(sharding.process_rows(rows)), mesh)
+    rows = batch_rows(step, len(data.train), config.batch_size // processes, config.seed,
+                      process, processes)
+    yield sharding.to_global(data.train.take(rows), mesh)
 
 
 def total_steps(config, num_windows: int) -> int:
@@ -171,7 +190,7 @@ def check_finite(fetched: list, first_step: int, last_good: int | None) -> None:
 
 
 def mean_metrics(fetched: list) -> dict[str, float]:
-  """Average each metric over the steps, leaving out skipped steps; 'skipped' is summed."""
+  """Average each metric over the steps, leaving out skipped steps, and sum 'skipped'."""
   kept = [m for m in fetched if not float(m.get('skipped', 0.0))] or fetched
   means = {k: float(np.mean([m[k] for m in kept])) for k in fetched[0]}
   if 'skipped' in fetched[0]:
@@ -230,18 +249,31 @@ def evaluate_report(data: RunData, split: str, predict_fns, params, config, mesh
 
 def representation_description(config) -> str:
   trunk = 'h_shared' if config.model.decoder == 'shared' else 'the encoder output'
-  return (f'mean over valid timesteps of {trunk}, from IMU-only inputs (every target group '
+  text = (f'mean over valid timesteps of {trunk}, from IMU-only inputs (every target group '
           'hidden), with the parameters that the report scores')
+  if jax.process_count() > 1:
+    text += (f', and probes trained on the training windows of process 0 (1/'
+             f'{jax.process_count()} of them)')
+  return text
 
 
-def representations(data: RunData, represent_fn, params, config, mesh):
+def representations(data: RunData, compiled, params, config, mesh):
   """Return (representations, windows, per-window labels) of the train, validation and test
-  windows, the inputs of `probe.probe_report`."""
+  windows, the inputs of `probe.probe_report`.
+
+  With several processes each one holds only its share of the training windows, so the probe
+  of each process trains on its own share, and process 0's is the one reported.
+  """
   features, windows, labels = {}, {}, {}
   for split in ('train', 'validation', 'test'):
     windows[split] = getattr(data, split)
-    features[split] = evaluation.represent_windows(represent_fn, params, windows[split],
-                                                   config.eval_batch_size, mesh)
+    if split == 'train' and jax.process_count() > 1:
+      features[split] = evaluation.represent_local_windows(
+          compiled.represent_local, params, windows[split], config.eval_batch_size)
+    else:
+      features[split] = evaluation.represent_windows(compiled.represent_fn, params,
+                                                     windows[split], config.eval_batch_size,
+                                                     mesh)
     sequences = data.sequences[split]
     labels[split] = [sequences[i].label for i in windows[split].index[:, 0]]
   return features, windows, labels
@@ -256,29 +288,30 @@ class CompiledSteps:
   predict_fns: dict
   represent_fn: Any
   num_steps: int
+  represent_local: Any = None  # `represent` jitted without shardings, for local windows.
 
 
 def make_steps(config, data: RunData) -> tuple[training.Steps, int]:
   """Return the model's Steps for `config` on `data`, and the run's length in steps."""
-  num_steps = total_steps(config, len(data.train))
+  num_steps = total_steps(config, data.num_train_windows)
   model = models.build_model(config, data.input_layouts, data.target_layouts)
   schedule = training.make_schedule(config.optim, num_steps)
   tx = training.make_optimizer(config.optim, schedule)
   quaternions = {l.name: augment.quaternion_channels(l, data.scalers[l.name])
                  for l in data.input_layouts}
   steps = training.Steps(model, tx, schedule, data.input_layouts, data.target_layouts, config,
-                         steps_per_epoch=max(len(data.train) // config.batch_size, 1),
+                         steps_per_epoch=max(data.num_train_windows // config.batch_size, 1),
                          total_steps=num_steps, quaternions=quaternions)
   return steps, num_steps
 
 
 def warn_about_queue(config, data: RunData) -> None:
   queue_size = config.contrastive.queue_size if config.lambda_contrastive > 0 else 0
-  if queue_size > len(data.train):
+  if queue_size > data.num_train_windows:
     logging.warning(
         'contrastive.queue_size=%d is larger than the %d training windows, so the queue holds '
         "older keys of a query's own window as negatives; lower contrastive.queue_size.",
-        queue_size, len(data.train))
+        queue_size, data.num_train_windows)
 
 
 def state_initializer(steps: training.Steps, data: RunData):
@@ -310,7 +343,8 @@ def build_steps(config, data: RunData, mesh) -> CompiledSteps:
   predict_fns = {name: jax.jit(fn, in_shardings=(replicated, batched, None))
                  for name, fn in evaluation.make_predict_fns(steps, config).items()}
   represent_fn = jax.jit(steps.represent, in_shardings=(replicated, batched))
-  return CompiledSteps(state, train_step, predict_fns, represent_fn, num_steps)
+  return CompiledSteps(state, train_step, predict_fns, represent_fn, num_steps,
+                       jax.jit(steps.represent))
 
 
 def open_workdir(config, workdir: str, data: RunData) -> dict:
@@ -375,7 +409,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # Training loop.
   logging.info('Training steps %d..%d (%d windows, batch %d) | %s', start_step, num_steps,
-               len(data.train), config.batch_size, data.tag)
+               data.num_train_windows, config.batch_size, data.tag)
   pending, pending_start, window_start = [], start_step, time.perf_counter()
   batches = prefetch.prefetch(train_batches(config, data, mesh, start_step, num_steps),
                               config.prefetch_depth)
@@ -442,7 +476,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   report = evaluate_report(data, 'test', predict_fns, params, config, mesh, checkpoint)
   validation = evaluate_report(data, 'validation', predict_fns, params, config, mesh,
                                checkpoint)
-  probe_inputs = representations(data, compiled.represent_fn, params, config, mesh)
+  probe_inputs = representations(data, compiled, params, config, mesh)
   for split, result in (('test', report), ('validation', validation)):
     result['probe'] = probe.probe_report(
         *probe_inputs, data.input_layouts, data.target_layouts, data.scalers, split,

@@ -6,6 +6,7 @@ global mesh of 2 devices over 2 processes.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -72,8 +73,8 @@ def test_two_processes_train_preempt_and_resume(tmp_path):
   processes, files = [p for p, _ in started], [f for _, f in started]
   try:
     wait_for(logs[0], 'step 10/400', processes)
-    # A preemption notice reaches one host; JAX's preemption service makes both save the same
-    # step and stop.
+    # A preemption notice reaches one host, and JAX's preemption service makes both save the
+    # same step and stop.
     processes[1].send_signal(signal.SIGTERM)
     codes = finish(processes, files)
   finally:
@@ -83,6 +84,12 @@ def test_two_processes_train_preempt_and_resume(tmp_path):
   text = [open(path, encoding='utf-8', errors='replace').read() for path in logs]
   assert codes == [128 + signal.SIGTERM] * 2, text[0][-3000:] + text[1][-3000:]
   assert 'Process 0 of 2' in text[0] and 'Process 1 of 2' in text[1]
+  # Each process windows only its own half of the training sequences.
+  shares = [re.search(r'train (\d+) \(of (\d+), in process (\d) of 2\)', t).groups()
+            for t in text]
+  assert [int(share[2]) for share in shares] == [0, 1]
+  assert int(shares[0][0]) + int(shares[1][0]) == int(shares[0][1]) == int(shares[1][1])
+  assert all(0 < int(share[0]) < int(share[1]) for share in shares)
   stopped = [int(line.split('after step ')[1].split()[0]) for t in text
              for line in t.splitlines() if 'training stopped after step' in line]
   assert len(stopped) == 2 and stopped[0] == stopped[1] and stopped[0] < 400, stopped
