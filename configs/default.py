@@ -185,9 +185,10 @@ def get_config(platform: str = '') -> ml_collections.ConfigDict:
   config.num_train_steps = -1  # When positive, stops at min(this, num_epochs worth of steps).
   config.batch_size = 32  # Global batch; must be divisible by the number of devices.
   config.eval_batch_size = 128
-  # Training batches built ahead on a background thread while the device runs a step; 0 builds
-  # each batch when its step starts. The batches are the same either way.
-  config.prefetch_depth = 2
+  # Training batches built ahead on a background thread while the device runs a step. With 0
+  # each batch is built on the loop thread when its step starts, which still overlaps the
+  # previous step because jax dispatches steps asynchronously. The platform sets it.
+  config.prefetch_depth = 0
   # The hardware the run is set up for: 'cpu', 'gpu' or 'tpu', chosen after the config path
   # (configs/phase3.py:gpu). configs/platforms.py sets the fields below, the compute dtype and
   # the prefetch depth from it.

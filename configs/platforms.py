@@ -22,8 +22,11 @@ PLATFORMS = ('cpu', 'gpu', 'tpu')
 
 SETTINGS = {
     # The CPU runs the reference numerics: float32 throughout and the global batch as given.
+    # Batches are built on the loop thread: jax dispatches each step asynchronously, so the
+    # next batch is built while the step runs, and a prefetch thread would only compete with
+    # XLA's threads for the cores (measured in docs/benchmarks.md).
     'cpu': {'per_device_batch_size': 0, 'mesh': 'flat', 'compute_dtype': 'float32',
-            'matmul_precision': 'default', 'prefetch_depth': 2},
+            'matmul_precision': 'default', 'prefetch_depth': 0},
     'gpu': {'per_device_batch_size': 64, 'mesh': 'topology', 'compute_dtype': 'bfloat16',
             'matmul_precision': 'default', 'prefetch_depth': 4},
     'tpu': {'per_device_batch_size': 64, 'mesh': 'topology', 'compute_dtype': 'bfloat16',

@@ -41,9 +41,11 @@ def _options(directory: str, **kwargs) -> ocp.CheckpointManagerOptions:
   With several processes, orbax names the barrier of a save after its step alone. The latest
   and the best manager both save the final step, as do a study group and its members, and
   with the same names their barriers would clash ("Barrier _async_write_complete.N is already
-  ongoing").
+  ongoing"). The name comes from the last three parts of the path, which every process
+  shares even where hosts mount the workdir under different roots.
   """
-  prefix = hashlib.sha256(os.path.abspath(directory).encode()).hexdigest()[:16]
+  tail = os.path.join(*os.path.abspath(directory).split(os.sep)[-3:])
+  prefix = hashlib.sha256(tail.encode()).hexdigest()[:16]
   return ocp.CheckpointManagerOptions(
       create=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
           barrier_sync_key_prefix=prefix), **kwargs)

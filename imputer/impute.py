@@ -226,12 +226,15 @@ def predict_sequences(imputer: Imputer, sequences, stride: int | None = None,
   windows = windows_lib.make_windows(engineered, layouts, imputer.scalers, window, stride)
   sums = [{l.name: np.zeros((4, s.length, l.num_raw)) for l in imputer.target_layouts}
           for s in sequences]
-  batch_size = imputer.config.eval_batch_size
   mesh = sharding.make_mesh(imputer.config.get('mesh', 'flat'))
+  # The run's evaluation batch, rounded up to a multiple of this machine's devices, which may
+  # be fewer or more than the training run had.
+  devices = mesh.devices.size
+  batch_size = -(-imputer.config.eval_batch_size // devices) * devices
   sharding.check_batch_size(batch_size, mesh, 'eval_batch_size')
+  params = jax.device_put(imputer.params, sharding.replicated(mesh))
   for batch_index, batch, real in evaluation.global_batches(windows, batch_size, mesh):
-    recon, log_var = jax.device_get(imputer.predict_fn(imputer.params, batch,
-                                                       np.bool_(show_targets)))
+    recon, log_var = jax.device_get(imputer.predict_fn(params, batch, np.bool_(show_targets)))
     for k in range(real):
       i, start, size = windows.index[batch_index * batch_size + k]
       for name, mean in recon.items():

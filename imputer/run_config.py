@@ -24,12 +24,13 @@ from imputer import denoising
 from imputer import models
 from imputer import sharding
 
-# Fields that change only logging, evaluation batching, checkpoint cadence or how a study
-# schedules its variants, never the trained parameters or the figures beyond float
-# rounding, so a resume may change them.
+# Fields that change only logging, evaluation batching, checkpoint cadence, how a study
+# schedules its variants or the device layout, never the trained parameters or the figures
+# beyond float rounding, so a resume may change them. (per_device_batch_size may change
+# because the global batch_size that it resolves to is compared itself.)
 RESUME_MAY_CHANGE = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                      'max_checkpoints_to_keep', 'eval_batch_size', 'study.mode',
-                     'study.group_size', 'prefetch_depth', 'mesh')
+                     'study.group_size', 'prefetch_depth', 'mesh', 'per_device_batch_size')
 
 RUN_FILE = 'run.json'
 
@@ -144,8 +145,15 @@ def resolve_platform(config, device_count: int, backend: str) -> None:
   device of every process) and eval_batch_size 4 times that; config.json records the result.
   """
   if config.per_device_batch_size > 0:
-    config.batch_size = config.per_device_batch_size * device_count
-    config.eval_batch_size = 4 * config.batch_size
+    batch_size = config.per_device_batch_size * device_count
+    defaults = default_config.get_config()
+    for field, resolved in (('batch_size', batch_size), ('eval_batch_size', 4 * batch_size)):
+      if config[field] not in (defaults[field], resolved):
+        raise ValueError(
+            f'{field}={config[field]} is set while per_device_batch_size='
+            f'{config.per_device_batch_size} makes it {resolved} on {device_count} devices; '
+            'set --config.per_device_batch_size=0 to give the global batch sizes yourself.')
+    config.batch_size, config.eval_batch_size = batch_size, 4 * batch_size
     logging.info('per_device_batch_size=%d on %d devices: batch_size %d, eval_batch_size %d',
                  config.per_device_batch_size, device_count, config.batch_size,
                  config.eval_batch_size)

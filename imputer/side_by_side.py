@@ -277,67 +277,67 @@ def train_group(group: Group) -> None:
   batches = prefetch.prefetch(train.train_batches(structure, data, mesh, start_step, num_steps),
                               structure.prefetch_depth)
   with preemption.Watch() as watch:
-    for step, batch in zip(range(start_step, num_steps), batches):
-      state, metrics = train_step(state, batch, hyper)
-      pending.append(metrics)
-      done = step + 1
-      is_last = done == num_steps
+    try:
+      for step, batch in zip(range(start_step, num_steps), batches):
+        state, metrics = train_step(state, batch, hyper)
+        pending.append(metrics)
+        done = step + 1
+        is_last = done == num_steps
 
-      if done % structure.log_every_steps == 0 or is_last:
-        fetched = jax.device_get(pending)
-        rate = len(pending) / max(time.perf_counter() - window_start, 1e-9)
-        for index, member in enumerate(group.members):
-          own = _member_metrics(fetched, index)
-          try:
-            train.check_finite(own, pending_start, last_saved[index])
-          except FloatingPointError as error:
-            raise FloatingPointError(f'study variant {member.variant.name} seed '
-                                     f'{member.seed_offset}: {error}') from None
-          scalars = {f'train/{k}': v for k, v in train.mean_metrics(own).items()}
-          scalars['train/steps_per_second'] = rate
-          writers[index].write_scalars(done, scalars)
-        losses = np.mean([m['loss'] for m in fetched], axis=0)
-        logging.info('step %d/%d | loss %s | %.2f steps/s for %d variants | ETA %.0f s | %s',
-                     done, num_steps, ' '.join(f'{v:.4f}' for v in losses), rate, count,
-                     (num_steps - done) / rate, data.tag)
-        pending, pending_start, window_start = [], done, time.perf_counter()
+        if done % structure.log_every_steps == 0 or is_last:
+          fetched = jax.device_get(pending)
+          rate = len(pending) / max(time.perf_counter() - window_start, 1e-9)
+          _check_members_finite(group, fetched, pending_start, last_saved)
+          for index in range(count):
+            own = _member_metrics(fetched, index)
+            scalars = {f'train/{k}': v for k, v in train.mean_metrics(own).items()}
+            scalars['train/steps_per_second'] = rate
+            writers[index].write_scalars(done, scalars)
+          losses = np.mean([m['loss'] for m in fetched], axis=0)
+          logging.info('step %d/%d | loss %s | %.2f steps/s for %d variants | ETA %.0f s | %s',
+                       done, num_steps, ' '.join(f'{v:.4f}' for v in losses), rate, count,
+                       (num_steps - done) / rate, data.tag)
+          pending, pending_start, window_start = [], done, time.perf_counter()
 
-      if done % structure.eval_every_steps == 0 or is_last:
-        val = _validation_losses(built.validation_loss, state.params, hyper, data.validation,
-                                 structure.eval_batch_size, mesh,
-                                 jax.random.PRNGKey(structure.seed + 2))
-        for index, loss in enumerate(val):
-          writers[index].write_scalars(done, {'val/loss': loss})
-          if math.isfinite(loss) and (best[index] is None or loss < best[index]):
-            best[index] = float(loss)
-            if done not in checkpoints[index].best.all_steps():
-              checkpoints[index].save_best(done, member_state(index), scalers_json, loss)
-        logging.info('step %d | validation loss %s | %s', done,
-                     ' '.join(f'{v:.4f}' for v in val), data.tag)
+        if done % structure.eval_every_steps == 0 or is_last:
+          val = _validation_losses(built.validation_loss, state.params, hyper, data.validation,
+                                   structure.eval_batch_size, mesh,
+                                   jax.random.PRNGKey(structure.seed + 2))
+          for index, loss in enumerate(val):
+            writers[index].write_scalars(done, {'val/loss': loss})
+            if math.isfinite(loss) and (best[index] is None or loss < best[index]):
+              best[index] = float(loss)
+              if done not in checkpoints[index].best.all_steps():
+                checkpoints[index].save_best(done, member_state(index), scalers_json, loss)
+          logging.info('step %d | validation loss %s | %s', done,
+                       ' '.join(f'{v:.4f}' for v in val), data.tag)
 
-      if done % structure.checkpoint_every_steps == 0 or is_last:
-        # The group state first: a kill between the saves leaves members behind it, never ahead.
-        group_checkpoints.save(done, state, scalers_json)
-        group_checkpoints.wait()
-        for index, manager in enumerate(checkpoints):
-          if done not in manager.latest.all_steps():
-            manager.save(done, member_state(index), scalers_json)
-          last_saved[index] = done
-      for writer in writers:
-        writer.flush()
-
-      if watch.should_stop(done) and not is_last:
-        # SIGTERM or SIGINT: save the group at this step (unless the cadence just did), then
-        # stop. The members' own checkpoints follow at the next cadence or at the end.
-        if done not in group_checkpoints.latest.all_steps():
+        if done % structure.checkpoint_every_steps == 0 or is_last:
+          # The group state first: a kill between the saves leaves members behind it, never ahead.
+          _check_members_finite(group, jax.device_get(pending), pending_start, last_saved)
           group_checkpoints.save(done, state, scalers_json)
-        for manager in checkpoints + [group_checkpoints]:
-          manager.wait()
-          manager.close()
-        batches.close()
+          group_checkpoints.wait()
+          for index, manager in enumerate(checkpoints):
+            if done not in manager.latest.all_steps():
+              manager.save(done, member_state(index), scalers_json)
+            last_saved[index] = done
         for writer in writers:
-          writer.close()
-        raise preemption.Preempted(done, watch.received, group.path)
+          writer.flush()
+
+        if watch.should_stop(done):
+          # SIGTERM or SIGINT: save the group at this step (unless the cadence just did), then
+          # stop. The members' own checkpoints follow at the next cadence or at the end.
+          _check_members_finite(group, jax.device_get(pending), pending_start, last_saved)
+          if done not in group_checkpoints.latest.all_steps():
+            group_checkpoints.save(done, state, scalers_json)
+          for manager in checkpoints + [group_checkpoints]:
+            manager.wait()
+            manager.close()
+          for writer in writers:
+            writer.close()
+          raise preemption.Preempted(done, watch.received, group.path)
+    finally:
+      batches.close()  # Stops the prefetch thread on any exit.
   # A study killed between the group's final save and its members' gets them written now.
   for index, manager in enumerate(checkpoints):
     if manager.latest.latest_step() != num_steps and int(state.step[0]) == num_steps:
@@ -347,6 +347,16 @@ def train_group(group: Group) -> None:
     manager.close()
   for writer in writers:
     writer.close()
+
+
+def _check_members_finite(group: Group, fetched: list, first_step: int, last_saved) -> None:
+  """Raise FloatingPointError, naming the variant, if a member's metrics are not finite."""
+  for index, member in enumerate(group.members):
+    try:
+      train.check_finite(_member_metrics(fetched, index), first_step, last_saved[index])
+    except FloatingPointError as error:
+      raise FloatingPointError(f'study variant {member.variant.name} seed '
+                               f'{member.seed_offset}: {error}') from None
 
 
 def run(config, workdir: str) -> list[study.Variant]:

@@ -49,8 +49,8 @@ class RunData:
   sequences: dict  # Split name -> the sequences with target truth that were windowed.
   skipped: dict  # Split name -> sequences without any observed target value.
   # Training windows of every process together. With several processes, `train` contains only
-  # this process's share (see `prepare_data`); steps and epochs are counted from the total.
-  num_train_windows: int = 0
+  # this process's share (see `prepare_data`), and steps and epochs count from the total.
+  num_train_windows: int
 
   @property
   def tag(self) -> str:
@@ -112,17 +112,19 @@ def prepare_data(config) -> RunData:
   engineered = {n: windows_lib.engineer_sequences(s, layouts) for n, s in per_split.items()}
   scalers = windows_lib.fit_scalers(engineered['train'], layouts)
   window, stride = config.data.window, config.data.train_stride
-  num_train_windows = sum(len(windows_lib.window_starts(s.length, window, stride))
-                          for s in engineered['train'])
+  counts = [len(windows_lib.window_starts(s.length, window, stride))
+            for s in engineered['train']]
+  num_train_windows = sum(counts)
   # Every process fits the scalers on all training sequences, so that they agree, but keeps
-  # the windows of its own share of them only: sequences process, process + P, ...
+  # the windows of its own share of them only.
   process, processes = jax.process_index(), jax.process_count()
-  engineered['train'] = engineered['train'][process::processes]
-  per_split['train'] = per_split['train'][process::processes]
-  if not engineered['train']:
+  if len(counts) < processes:
     raise ValueError(
-        f'process {process} of {processes} got no training sequence: there are fewer training '
-        'sequences than processes. Use fewer processes, or more data.')
+        f'there are {len(counts)} training sequences for {processes} processes, so some process '
+        'would get none; use fewer processes, or more data.')
+  mine = training_share(counts, processes)[process]
+  engineered['train'] = [engineered['train'][i] for i in mine]
+  per_split['train'] = [per_split['train'][i] for i in mine]
   made = {n: windows_lib.make_windows(engineered[n], layouts, scalers, window,
                                       stride if n == 'train' else window) for n in engineered}
   logging.info('Windows of %d timesteps: train %d (of %d, in process %d of %d) | validation %d '
@@ -130,6 +132,22 @@ def prepare_data(config) -> RunData:
                processes, len(made['validation']), len(made['test']), tag)
   return RunData(recording_set, split, input_layouts, target_layouts, scalers, made['train'],
                  made['validation'], made['test'], per_split, skipped, num_train_windows)
+
+
+def training_share(window_counts: list[int], processes: int) -> list[list[int]]:
+  """Split training sequences between processes so that their window counts nearly agree.
+
+  Sequences go in order to the process with the fewest windows so far (the lowest index on
+  ties), so the shares differ by at most one sequence's windows. Each process draws the same
+  number of rows per step from its share, so equal shares keep every window about equally
+  likely to be drawn. Returns the sequence indices of each process, in order.
+  """
+  shares, totals = [[] for _ in range(processes)], [0] * processes
+  for index, count in enumerate(window_counts):
+    smallest = totals.index(min(totals))
+    shares[smallest].append(index)
+    totals[smallest] += count
+  return shares
 
 
 def batch_rows(step: int, num_windows: int, batch_size: int, seed: int, shard: int = 0,
@@ -185,8 +203,9 @@ def check_finite(fetched: list, first_step: int, last_good: int | None) -> None:
       kept = 'none yet' if last_good is None else f'step {last_good}'
       raise FloatingPointError(
           f'training stopped: {", ".join(bad)} at step {first_step + offset + 1}. The last '
-          f'good checkpoint ({kept}) is kept; lower optim.learning_rate, check the data for '
-          "extreme values, or set --config.nonfinite=skip to drop such steps' updates.")
+          f'good checkpoint ({kept}) is kept. Check the data for extreme values, then train in '
+          'a new --workdir with a lower optim.learning_rate, or with --config.nonfinite=skip to '
+          "drop such steps' updates (a resume must keep the config).")
 
 
 def mean_metrics(fetched: list) -> dict[str, float]:
@@ -252,7 +271,7 @@ def representation_description(config) -> str:
   text = (f'mean over valid timesteps of {trunk}, from IMU-only inputs (every target group '
           'hidden), with the parameters that the report scores')
   if jax.process_count() > 1:
-    text += (f', and probes trained on the training windows of process 0 (1/'
+    text += (f', and probes trained on the training windows of process 0 (about 1/'
              f'{jax.process_count()} of them)')
   return text
 
@@ -268,8 +287,10 @@ def representations(data: RunData, compiled, params, config, mesh):
   for split in ('train', 'validation', 'test'):
     windows[split] = getattr(data, split)
     if split == 'train' and jax.process_count() > 1:
+      # One device takes the batch that eval_batch_size gives each device.
       features[split] = evaluation.represent_local_windows(
-          compiled.represent_local, params, windows[split], config.eval_batch_size)
+          compiled.represent_local, params, windows[split],
+          max(config.eval_batch_size // jax.device_count(), 1))
     else:
       features[split] = evaluation.represent_windows(compiled.represent_fn, params,
                                                      windows[split], config.eval_batch_size,
@@ -414,56 +435,61 @@ def train_and_evaluate(config, workdir: str) -> dict:
   batches = prefetch.prefetch(train_batches(config, data, mesh, start_step, num_steps),
                               config.prefetch_depth)
   with preemption.Watch() as watch:
-    for step, batch in zip(range(start_step, num_steps), batches):
-      state, metrics = train_step(state, batch)
-      pending.append(metrics)
-      done = step + 1
-      is_last = done == num_steps
+    try:
+      for step, batch in zip(range(start_step, num_steps), batches):
+        state, metrics = train_step(state, batch)
+        pending.append(metrics)
+        done = step + 1
+        is_last = done == num_steps
 
-      if done % config.log_every_steps == 0 or is_last:
-        fetched = jax.device_get(pending)
-        check_finite(fetched, pending_start, last_saved)
-        elapsed = time.perf_counter() - window_start
-        rate = len(pending) / max(elapsed, 1e-9)
-        scalars = {f'train/{k}': v for k, v in mean_metrics(fetched).items()}
-        scalars['train/steps_per_second'] = rate
-        writer.write_scalars(done, scalars)
-        logging.info('step %d/%d | loss %.4f | %.2f steps/s | ETA %.0f s | %s', done, num_steps,
-                     scalars['train/loss'], rate, (num_steps - done) / rate, data.tag)
-        if scalars.get('train/skipped'):
-          logging.warning('%d of the last %d steps had a non-finite loss or gradient and were '
-                          'skipped (%d in the run so far) | %s', scalars['train/skipped'],
-                          len(fetched), int(state.skipped), data.tag)
-        pending, pending_start, window_start = [], done, time.perf_counter()
+        if done % config.log_every_steps == 0 or is_last:
+          fetched = jax.device_get(pending)
+          check_finite(fetched, pending_start, last_saved)
+          elapsed = time.perf_counter() - window_start
+          rate = len(pending) / max(elapsed, 1e-9)
+          scalars = {f'train/{k}': v for k, v in mean_metrics(fetched).items()}
+          scalars['train/steps_per_second'] = rate
+          writer.write_scalars(done, scalars)
+          logging.info('step %d/%d | loss %.4f | %.2f steps/s | ETA %.0f s | %s', done, num_steps,
+                       scalars['train/loss'], rate, (num_steps - done) / rate, data.tag)
+          if scalars.get('train/skipped'):
+            logging.warning('%d of the last %d steps had a non-finite loss or gradient and were '
+                            'skipped (%d in the run so far) | %s', scalars['train/skipped'],
+                            len(fetched), int(state.skipped), data.tag)
+          pending, pending_start, window_start = [], done, time.perf_counter()
 
-      if done % config.eval_every_steps == 0 or is_last:
-        val_metrics, recon, hidden, _ = evaluation.predict_windows(
-            predict_fns['random_mask'], state.params, data.validation, config.eval_batch_size,
-            mesh, jax.random.PRNGKey(config.seed + 2))
-        writer.write_scalars(done, {f'val/{k}': v for k, v in val_metrics.items()})
-        writer.write_images(done, tof_images(data, recon, hidden))
-        logging.info('step %d | validation loss %.4f | %s', done, val_metrics['loss'], data.tag)
-        if math.isfinite(val_metrics['loss']) and (best_loss is None
-                                                   or val_metrics['loss'] < best_loss):
-          best_loss = val_metrics['loss']
-          checkpoints.save_best(done, state, scalers_json, best_loss)
+        if done % config.eval_every_steps == 0 or is_last:
+          val_metrics, recon, hidden, _ = evaluation.predict_windows(
+              predict_fns['random_mask'], state.params, data.validation, config.eval_batch_size,
+              mesh, jax.random.PRNGKey(config.seed + 2))
+          writer.write_scalars(done, {f'val/{k}': v for k, v in val_metrics.items()})
+          writer.write_images(done, tof_images(data, recon, hidden))
+          logging.info('step %d | validation loss %.4f | %s', done, val_metrics['loss'], data.tag)
+          if math.isfinite(val_metrics['loss']) and (best_loss is None
+                                                     or val_metrics['loss'] < best_loss):
+            best_loss = val_metrics['loss']
+            # A run killed between this save and the periodic one reaches `done` again.
+            if done not in checkpoints.best.all_steps():
+              checkpoints.save_best(done, state, scalers_json, best_loss)
 
-      if done % config.checkpoint_every_steps == 0 or is_last:
-        check_finite(jax.device_get(pending), pending_start, last_saved)
-        checkpoints.save(done, state, scalers_json)
-        last_saved = done
-      writer.flush()
-
-      if watch.should_stop(done) and not is_last:
-        # SIGTERM or SIGINT: save this step (unless the cadence just did) and stop.
-        check_finite(jax.device_get(pending), pending_start, last_saved)
-        if last_saved != done:
+        if done % config.checkpoint_every_steps == 0 or is_last:
+          check_finite(jax.device_get(pending), pending_start, last_saved)
           checkpoints.save(done, state, scalers_json)
-        checkpoints.wait()
-        batches.close()
-        writer.close()
-        checkpoints.close()
-        raise preemption.Preempted(done, watch.received, workdir)
+          last_saved = done
+        writer.flush()
+
+        if watch.should_stop(done):
+          # SIGTERM or SIGINT: save this step (unless the cadence just did) and stop. After the
+          # last step that skips the final evaluation, which the next launch runs.
+          check_finite(jax.device_get(pending), pending_start, last_saved)
+          if last_saved != done:
+            checkpoints.save(done, state, scalers_json)
+          checkpoints.wait()
+          writer.close()
+          checkpoints.close()
+          raise preemption.Preempted(done, watch.received, workdir)
+    finally:
+      batches.close()  # Stops the prefetch thread on any exit.
   checkpoints.wait()
 
   # Evaluation with the best-by-validation parameters: the test subjects give the report, and

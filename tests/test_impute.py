@@ -195,7 +195,8 @@ def test_interleaved_sequences_are_rejected(trained_cmi_run, blanked, tmp_path):
 def test_launch_impute_mode(trained_cmi_run, blanked):
   _, _, path, root = blanked
   output = root / 'cli.parquet'
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  # 3 devices, which divide neither the run's evaluation batch nor its training devices.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='3')
   result = subprocess.run(
       [sys.executable, 'launch.py', '--mode=impute', f'--workdir={trained_cmi_run.workdir}',
        f'--input={path}', f'--output={output}', '--uncertainty'],
@@ -205,6 +206,12 @@ def test_launch_impute_mode(trained_cmi_run, blanked):
   written = pl.read_parquet(output)
   assert 'thm_1_std' in written.columns
   assert not np.isnan(as_float(written)).any()
+  one_device = root / 'one_device.parquet'
+  impute.impute_file(trained_cmi_run.workdir, path, str(one_device), uncertainty=True,
+                     progress=False)
+  # The same values up to float rounding, which the split over devices changes.
+  np.testing.assert_allclose(as_float(written), as_float(pl.read_parquet(one_device)),
+                             rtol=1e-5, atol=1e-4)
   # A bad input ends with the message alone, without a traceback.
   result = subprocess.run(
       [sys.executable, 'launch.py', '--mode=impute', f'--workdir={trained_cmi_run.workdir}',

@@ -64,8 +64,8 @@ def load_config_flag(argument):
 
 
 EXPECTED_PLATFORM = {
-    '': ('cpu', 'float32', 0, 'flat', 2),
-    ':cpu': ('cpu', 'float32', 0, 'flat', 2),
+    '': ('cpu', 'float32', 0, 'flat', 0),
+    ':cpu': ('cpu', 'float32', 0, 'flat', 0),
     ':gpu': ('gpu', 'bfloat16', 64, 'topology', 4),
     ':tpu': ('tpu', 'bfloat16', 64, 'topology', 4),
 }
@@ -102,6 +102,11 @@ def test_per_device_batch_becomes_the_global_batch():
   config = importlib.import_module('configs.phase1').get_config('gpu')
   run_config.resolve_platform(config, device_count=8, backend='gpu')
   assert (config.batch_size, config.eval_batch_size) == (64 * 8, 4 * 64 * 8)
+  explicit = importlib.import_module('configs.phase1').get_config('gpu')
+  explicit.batch_size = 100
+  with pytest.raises(ValueError, match=r'batch_size=100 is set while per_device_batch_size=64 '
+                     r'makes it 512 on 8 devices; set --config.per_device_batch_size=0'):
+    run_config.resolve_platform(explicit, device_count=8, backend='gpu')
   cpu = importlib.import_module('configs.phase1').get_config()
   run_config.resolve_platform(cpu, device_count=4, backend='cpu')
   assert (cpu.batch_size, cpu.eval_batch_size) == (32, 128)  # The global batch as given.

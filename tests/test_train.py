@@ -211,8 +211,10 @@ def test_processes_window_their_own_training_sequences(monkeypatch):
   monkeypatch.undo()
   ids = [[s.sequence_id for s in share.sequences['train']] for share in shares]
   all_ids = [s.sequence_id for s in whole.sequences['train']]
-  assert ids[0] == all_ids[0::2] and ids[1] == all_ids[1::2]
+  assert sorted(ids[0] + ids[1]) == sorted(all_ids) and not set(ids[0]) & set(ids[1])
   assert len(shares[0].train) + len(shares[1].train) == len(whole.train)
+  longest = max(s.length for s in whole.sequences['train'])
+  assert abs(len(shares[0].train) - len(shares[1].train)) <= longest
   assert shares[0].num_train_windows == shares[1].num_train_windows == len(whole.train)
   for share in shares:
     # The scalers come from every training sequence, and evaluation sees every window.
@@ -224,6 +226,12 @@ def test_processes_window_their_own_training_sequences(monkeypatch):
           for process, share in enumerate(shares)]
   assert all(len(r) == 4 and r.max() < len(share.train) for r, share in zip(rows, shares))
   np.testing.assert_array_equal(train.batch_rows(5, 40, 4, 0), train.batch_rows(5, 40, 4, 0, 0, 1))
+
+
+def test_training_share_balances_window_counts():
+  # Greedy by window count: each sequence goes to the share with the fewest windows so far.
+  assert train.training_share([5, 1, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4, 5]]
+  assert train.training_share([2, 2, 3, 1], 3) == [[0, 3], [1], [2]]
 
 
 def scaling_json(scalers):
