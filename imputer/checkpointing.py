@@ -101,6 +101,8 @@ class Checkpoints:
 
   def __init__(self, workdir: str, max_to_keep: int):
     root = os.path.abspath(workdir)
+    # Whether the last restore took only the matching entries of a differing tree.
+    self.restored_partially = False
     latest, best = os.path.join(root, 'checkpoints'), os.path.join(root, 'checkpoints_best')
     self.latest = ocp.CheckpointManager(latest, options=_options(latest, max_to_keep=max_to_keep))
     self.best = ocp.CheckpointManager(
@@ -128,8 +130,8 @@ class Checkpoints:
     metrics = self.best.metrics(step)
     return None if not metrics else float(metrics['val_loss'])
 
-  @staticmethod
-  def _restore(manager, step, abstract_state, partial, fallback):
+  def _restore(self, manager, step, abstract_state, partial, fallback):
+    self.restored_partially = False
     directory = str(manager.directory)
     target = state_tree(abstract_state)
     with _reader(directory) as reader:
@@ -144,6 +146,7 @@ class Checkpoints:
       return type(abstract_state)(**restored['state']), restored['scalers']
     if not partial:
       raise CheckpointMismatchError(directory, step, mismatch, RESUME_ADVICE)
+    self.restored_partially = True
     logging.warning(
         'Partial restore of checkpoint %s step %d: %d entries of the model (only in the model, '
         'or with another shape or dtype) were not restored and keep their initial values, '

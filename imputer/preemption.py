@@ -67,8 +67,8 @@ class Watch:
   def _record(self, number, frame) -> None:
     del frame
     name = signal.Signals(number).name
-    if self.received == 'SIGINT' and number == signal.SIGINT:
-      raise KeyboardInterrupt('a second SIGINT: stopping without a checkpoint')
+    if self.received is not None and number == signal.SIGINT:
+      raise KeyboardInterrupt(f'SIGINT after {self.received}: stopping without a checkpoint')
     self.received = name
     logging.warning('%s received: the run saves a checkpoint after the current step and '
                     'stops (press Ctrl-C again to stop at once, without one).', name)

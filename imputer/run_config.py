@@ -160,7 +160,7 @@ def resolve_platform(config, device_count: int, backend: str) -> None:
   if config.platform != backend:
     logging.warning(
         'The config is set up for platform %r but jax runs on %r; the run goes ahead with '
-        'those settings. Pick the matching variant, for example --config=configs/phase1.py:%s.',
+        'those settings. Add :%s after the config path for the matching variant.',
         config.platform, backend, backend if backend in platforms.PLATFORMS else 'cpu')
 
 

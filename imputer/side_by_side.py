@@ -336,6 +336,10 @@ def train_group(group: Group) -> None:
           for writer in writers:
             writer.close()
           raise preemption.Preempted(done, watch.received, group.path)
+    except FloatingPointError:
+      for manager in checkpoints + [group_checkpoints]:
+        manager.wait()  # The last good checkpoints may still be being written.
+      raise
     finally:
       batches.close()  # Stops the prefetch thread on any exit.
   # A study killed between the group's final save and its members' gets them written now.

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from absl import logging
 
 from imputer import augment
@@ -368,6 +369,30 @@ def build_steps(config, data: RunData, mesh) -> CompiledSteps:
                        jax.jit(steps.represent))
 
 
+SOURCE_SUFFIX = '_partial_source'
+
+
+def set_aside_source_checkpoints(checkpoints, workdir: str, config):
+  """Rename the checkpoint folders that a partial restore read, and return new managers.
+
+  The new run saves its own steps from 0. Left in place, the source's later steps would stay
+  the latest ones, and every resume would restore them again instead of the new run's.
+  """
+  checkpoints.close()
+  if jax.process_index() == 0:
+    for name in ('checkpoints', 'checkpoints_best'):
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        target = path + SOURCE_SUFFIX
+        if os.path.exists(target):
+          raise ValueError(f'{target} exists already; move it away to restore partially again.')
+        os.rename(path, target)
+  multihost_utils.sync_global_devices('imputer_partial_restore')
+  logging.warning('Partial restore: training starts at step 0 from the restored parameters. '
+                  'The source checkpoints were renamed to checkpoints%s/.', SOURCE_SUFFIX)
+  return checkpointing.Checkpoints(workdir, config.max_checkpoints_to_keep)
+
+
 def open_workdir(config, workdir: str, data: RunData) -> dict:
   """Check that `workdir` contains no other run, write its run files and return the scalers.
 
@@ -414,6 +439,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # restore_best below still raises for it.
   restored = checkpoints.restore_latest(abstract, partial=config.restore_partial,
                                         fallback=state)
+  if restored is not None and checkpoints.restored_partially:
+    # A partial restore starts a new run from the matching parameters: the step, the
+    # optimizer state, the schedules and the key queue start over from the initial state.
+    partial_state, saved_scalers = restored
+    restored = state.replace(params=partial_state.params,
+                             ema_params=partial_state.ema_params), saved_scalers
+    checkpoints = set_aside_source_checkpoints(checkpoints, workdir, config)
   if restored is not None:
     state, saved_scalers = restored
     if saved_scalers != json.loads(json.dumps(scalers_json)):
@@ -488,6 +520,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           writer.close()
           checkpoints.close()
           raise preemption.Preempted(done, watch.received, workdir)
+    except FloatingPointError:
+      checkpoints.wait()  # The last good checkpoint may still be being written.
+      raise
     finally:
       batches.close()  # Stops the prefetch thread on any exit.
   checkpoints.wait()
