@@ -49,7 +49,8 @@ _TRACE_DIR = flags.DEFINE_string('trace_dir', None, 'Folder for the trace; a tem
 _TOP = flags.DEFINE_integer('top', 25, 'Slowest ops to list.', lower_bound=0)
 
 # Trace events that are not ops of the compiled program: the runtime's own spans.
-_RUNTIME_EVENTS = ('ThunkExecutor', '$', 'PjitFunction', 'CommonPjRt')
+_RUNTIME_EVENTS = ('ThunkExecutor', '$', 'PjitFunction', 'CommonPjRt', 'SlinkyThreadPool')
+_SCOPES_SHOWN = 20  # The smaller scopes are summed into one line.
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
@@ -88,6 +89,8 @@ def scope(op_name: str) -> str:
   cleaned = [re.sub(r'^(transpose\()?(jvp\()?', '', p).rstrip(')') for p in parts]
   if cleaned and cleaned[0] == 'MaskedImputer' and len(cleaned) > 1:
     return f'{direction}: model/{cleaned[1]}'
+  if cleaned and cleaned[0].startswith('state.'):
+    return 'optimizer: update of the state'
   return f'{direction}: outside the model/{cleaned[0] if cleaned else "unnamed"}'
 
 
@@ -103,7 +106,11 @@ def summarise(events, names: dict[str, str], steps: int, top: int) -> str:
   lines = [f'device time per step: {total:.1f} ms (the ops of the compiled step, summed)', '']
   lines += [f'{name:<16}{ms:>9.2f} ms {ms / total:>6.1%}' for name, ms in by_category.most_common()]
   lines += ['', 'by scope:']
-  lines += [f'{ms:>9.2f} ms {ms / total:>6.1%}  {name}' for name, ms in by_scope.most_common()]
+  scopes = by_scope.most_common()
+  lines += [f'{ms:>9.2f} ms {ms / total:>6.1%}  {name}' for name, ms in scopes[:_SCOPES_SHOWN]]
+  rest = sum(ms for _, ms in scopes[_SCOPES_SHOWN:])
+  if rest:
+    lines.append(f'{rest:>9.2f} ms {rest / total:>6.1%}  {len(scopes) - _SCOPES_SHOWN} smaller scopes')
   lines += ['', f'{top} slowest ops:']
   lines += [f'{ms:>9.2f} ms  {op[:28]:<28} {op_name[-90:]}'
             for (op, op_name), ms in by_op.most_common(top)]
