@@ -420,8 +420,13 @@ def _check_magnitude(values: np.ndarray, columns, source: str, first_row: int = 
       f'which no sensor reading reaches, so it is a fill value or a corrupted cell; {fix}')
 
 
-def float_column(column: pl.Series, source: str, first_row: int = 1) -> pl.Series:
-  """Cast one column to Float64, raising ValueError at its first cell that is not a number."""
+def float_column(column: pl.Series, source: str, first_row: int = 1,
+                 fix: str = 'correct the value, or leave the cell empty or write NaN to mark it '
+                            'missing') -> pl.Series:
+  """Cast one column to Float64, raising ValueError at its first cell that is not a number.
+
+  `fix` ends the message: what the user should write instead.
+  """
   if column.dtype.is_numeric() or column.dtype == pl.Null:
     return column.cast(pl.Float64)
   if column.dtype != pl.String:
@@ -437,8 +442,7 @@ def float_column(column: pl.Series, source: str, first_row: int = 1) -> pl.Serie
     row = int(invalid.arg_true()[0])
     raise ValueError(
         f'{source}: column {column.name!r} contains the non-numeric value {column[row]!r} at data '
-        f'row {row + first_row} (counting data rows from 1, after the header); correct the value, or '
-        f'leave the cell empty or write NaN to mark it missing.')
+        f'row {row + first_row} (counting data rows from 1, after the header); {fix}.')
   return values
 
 
@@ -469,7 +473,9 @@ def _text_column(
 
 
 def _counter_column(frame: pl.DataFrame, source: str, first_row: int = 1) -> np.ndarray:
-  counters = float_column(frame['sequence_counter'], source, first_row).to_numpy()
+  counters = float_column(
+      frame['sequence_counter'], source, first_row,
+      fix='write the whole-number position of the row in its sequence (0, 1, 2, ...)').to_numpy()
   missing = ~np.isfinite(counters)
   if missing.any():
     row = int(np.flatnonzero(missing)[0])

@@ -145,8 +145,13 @@ def test_text_in_numeric_column_raises(tmp_path, column, text):
 
   assert message.startswith(f'CMI file {path}: column {column!r} contains the non-numeric '
                             f'value {text!r} at data row 3')
-  assert message.endswith('correct the value, or leave the cell empty or write NaN to mark it '
-                          'missing.')
+  if column == 'sequence_counter':
+    # A counter cannot be missing, so its fix is a position, not an empty cell.
+    assert message.endswith('write the whole-number position of the row in its sequence '
+                            '(0, 1, 2, ...).')
+  else:
+    assert message.endswith('correct the value, or leave the cell empty or write NaN to mark '
+                            'it missing.')
 
 
 # Missing required columns.
