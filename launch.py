@@ -99,7 +99,7 @@ def main(argv):
     with run_config.matmul_precision(config):
       _train(config)
   except preemption.Preempted as stopped:
-    # A checkpoint of the step is saved, and the exit status tells a scheduler it was a signal.
+    # A checkpoint of the step is saved, and the exit status shows a scheduler it was a signal.
     logging.warning('%s', stopped)
     sys.exit(stopped.exit_status)
 

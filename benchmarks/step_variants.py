@@ -74,7 +74,7 @@ class GroupedConv(nn.Module):
 
 
 def expand_by_products(layout, hidden_raw):
-  """The feature mask before the pass: every feature through the dependency matrices."""
+  """Map a hidden mask to features as before the pass: every feature through the matrices."""
   now = jnp.asarray(layout.feature_set.depends_now.T, jnp.float32)
   prev = jnp.asarray(layout.feature_set.depends_prev.T, jnp.float32)
   raw = hidden_raw.astype(jnp.float32)

@@ -8,8 +8,8 @@ Every config file takes the platform after a colon, CPU by default:
 The platform sets only how the run uses the hardware, never the model or the objective:
 - `per_device_batch_size`: with a value above 0, launch sets batch_size to it times the
   number of devices of every process, and eval_batch_size to 4 times that.
-- `mesh`: 'flat' lays the `data` axis over jax.devices() in their order, 'topology' asks
-  jax's mesh_utils for an order that follows the chips' interconnect.
+- `mesh`: 'flat' lays the `data` axis over jax.devices() in their order, 'topology' takes
+  the order of jax's mesh_utils, which follows the chips' interconnect.
 - `model.compute_dtype`: bfloat16 on accelerators with bfloat16 matmul units.
 - `matmul_precision`: jax's default matmul precision for float32 matmuls ('default' lets a
   GPU use TF32 and a TPU use bfloat16 passes, and 'highest' requests full float32).

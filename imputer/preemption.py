@@ -2,7 +2,7 @@
 
 Cloud TPU VMs and most cluster schedulers announce a preemption with SIGTERM, and Ctrl-C sends
 SIGINT. While a training loop runs inside `Watch`, either signal only records the request.
-The loop asks `Watch.should_stop(step)` after every step. When it answers yes, the loop
+The loop calls `Watch.should_stop(step)` after every step. When it answers yes, the loop
 saves a checkpoint of that step and raises `Preempted`, and launch.py exits with status
 128 + the signal's number after logging where the run stopped. Running the same command again
 resumes from that checkpoint, and the resumed run continues exactly as an uninterrupted one

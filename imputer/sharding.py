@@ -19,9 +19,9 @@ MESH_KINDS = ('flat', 'topology')
 def make_mesh(kind: str = 'flat') -> Mesh:
   """Return the `data` mesh over every device of every process.
 
-  'flat' takes jax.devices() in order. 'topology' asks jax's mesh_utils for an order in
+  'flat' takes jax.devices() in order. 'topology' takes the order of jax's mesh_utils, in
   which neighbours on the axis are neighbours on the chips' interconnect (TPU slices), which
-  makes the gradient all-reduce cheaper; elsewhere it is the same order.
+  makes the gradient all-reduce cheaper. Elsewhere it is the same order.
   """
   if kind == 'flat':
     devices = np.asarray(jax.devices())

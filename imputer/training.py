@@ -388,7 +388,7 @@ class Steps:
 def skip_if_not_finite(state: TrainState, new_state: TrainState, metrics: dict):
   """Keep `state` (one step further) when the loss or the gradient norm is not finite.
 
-  The kept step counts in `skipped`, so a resumed run knows how many batches were skipped,
+  The kept step counts in `skipped`, so a resumed run keeps the count of skipped batches,
   and the metrics gain 'skipped' (1.0 for this step) for the training loop's log.
   """
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])

@@ -83,7 +83,8 @@ def test_two_processes_train_preempt_and_resume(tmp_path):
         process.kill()
   text = [open(path, encoding='utf-8', errors='replace').read() for path in logs]
   assert codes == [128 + signal.SIGTERM] * 2, text[0][-3000:] + text[1][-3000:]
-  assert 'Process 0 of 2' in text[0] and 'Process 1 of 2' in text[1]
+  assert 'Process 0 of 2' in text[0]
+  assert 'Process 1 of 2' in text[1]
   # Each process windows only its own half of the training sequences.
   shares = [re.search(r'train (\d+) \(of (\d+), in process (\d) of 2\)', t).groups()
             for t in text]
@@ -92,7 +93,9 @@ def test_two_processes_train_preempt_and_resume(tmp_path):
   assert all(0 < int(share[0]) < int(share[1]) for share in shares)
   stopped = [int(line.split('after step ')[1].split()[0]) for t in text
              for line in t.splitlines() if 'training stopped after step' in line]
-  assert len(stopped) == 2 and stopped[0] == stopped[1] and stopped[0] < 400, stopped
+  assert len(stopped) == 2, stopped
+  assert stopped[0] == stopped[1], stopped
+  assert stopped[0] < 400, stopped
   saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')))
   assert saved == [stopped[0]]
 
@@ -107,7 +110,8 @@ def test_two_processes_train_preempt_and_resume(tmp_path):
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     records = [json.loads(line) for line in f]
   train_steps = [r['step'] for r in records if 'train/loss' in r]
-  assert len(train_steps) == len(set(train_steps)) and train_steps[-1] == 400
+  assert len(train_steps) == len(set(train_steps))
+  assert train_steps[-1] == 400
   events = [n for n in os.listdir(workdir) if n.startswith('events.out.tfevents')]
   assert len(events) <= 2  # One file per launch of process 0, none from process 1.
   assert os.path.exists(os.path.join(workdir, 'eval_report.json'))

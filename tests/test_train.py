@@ -107,7 +107,7 @@ def saved_state(workdir, step):
           for p, v in jax.tree_util.tree_leaves_with_path(restored)}
 
 
-def test_sigterm_saves_and_the_resumed_run_is_bit_exact(finished_run, tmp_path, monkeypatch):
+def test_sigterm_resume_is_bit_exact(finished_run, tmp_path, monkeypatch):
   config, workdir, _ = finished_run
   preempted = str(tmp_path / 'preempted')
   real_rows = train.batch_rows
@@ -211,13 +211,14 @@ def test_processes_window_their_own_training_sequences(monkeypatch):
   monkeypatch.undo()
   ids = [[s.sequence_id for s in share.sequences['train']] for share in shares]
   all_ids = [s.sequence_id for s in whole.sequences['train']]
-  assert sorted(ids[0] + ids[1]) == sorted(all_ids) and not set(ids[0]) & set(ids[1])
+  assert sorted(ids[0] + ids[1]) == sorted(all_ids)
+  assert not set(ids[0]) & set(ids[1])
   assert len(shares[0].train) + len(shares[1].train) == len(whole.train)
   longest = max(s.length for s in whole.sequences['train'])
   assert abs(len(shares[0].train) - len(shares[1].train)) <= longest
   assert shares[0].num_train_windows == shares[1].num_train_windows == len(whole.train)
   for share in shares:
-    # The scalers come from every training sequence, and evaluation sees every window.
+    # The scalers come from every training sequence, and evaluation uses every window.
     assert scaling_json(share.scalers) == scaling_json(whole.scalers)
     np.testing.assert_array_equal(share.validation.batch['values']['thm'],
                                   whole.validation.batch['values']['thm'])
@@ -238,7 +239,7 @@ def scaling_json(scalers):
   return json.dumps(scaling.scalers_to_json(scalers))
 
 
-def test_skip_mode_drops_the_update_of_a_non_finite_step():
+def test_skip_mode_drops_nonfinite_update():
   config = tiny_config(nonfinite='skip')
   data = train.prepare_data(config)
   steps = train.make_steps(config, data)[0]
@@ -250,9 +251,11 @@ def test_skip_mode_drops_the_update_of_a_non_finite_step():
   observed = np.argwhere(batches[1]['observed'][group])[0]
   batches[1]['values'][group][tuple(observed)] = np.inf  # An observed target value of inf.
   after_good, metrics = step_fn(init(jax.random.PRNGKey(0), example), batches[0])
-  assert int(after_good.skipped) == 0 and float(metrics['skipped']) == 0.0
+  assert int(after_good.skipped) == 0
+  assert float(metrics['skipped']) == 0.0
   after_bad, metrics = step_fn(after_good, batches[1])
-  assert float(metrics['skipped']) == 1.0 and not np.isfinite(float(metrics['loss']))
+  assert float(metrics['skipped']) == 1.0
+  assert not np.isfinite(float(metrics['loss']))
   assert (int(after_bad.step), int(after_bad.skipped)) == (2, 1)
   for kept, before in zip(jax.tree.leaves((after_bad.params, after_bad.opt_state)),
                           jax.tree.leaves((after_good.params, after_good.opt_state))):
